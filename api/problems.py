@@ -1,0 +1,74 @@
+"""RFC 9457 problem+json for every error, validation errors included; no stack trace leaves."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.errors import Conflict, FieldError, NotFound, SpecError
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+TYPE_BASE = "https://overparam.dev/problems/"
+
+
+def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
+    body = {"type": TYPE_BASE + title.lower().replace(" ", "-"), "title": title, "status": status}
+    body |= {"detail": detail, **extra}
+    return JSONResponse(jsonable_encoder(body), status_code=status, media_type=PROBLEM)
+
+
+def _loc_to_field(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        if isinstance(part, int):
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{part}]"]
+        else:
+            parts.append(str(part))
+    return ".".join(parts) or str(loc[0] if loc else "body")
+
+
+def validation_problem(errors: list[FieldError]) -> JSONResponse:
+    detail = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+    return problem(422, "Invalid request", detail, errors=[e.as_dict() for e in errors])
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            FieldError(_loc_to_field(tuple(err["loc"])), err.get("input"), err["msg"])
+            for err in exc.errors()
+        ]
+        return validation_problem(errors)
+
+    @app.exception_handler(SpecError)
+    async def _spec_invalid(_: Request, exc: SpecError) -> JSONResponse:
+        return validation_problem(exc.errors)
+
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return problem(404, "Not found", str(exc))
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return problem(409, "Conflict", str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        title = {404: "Not found", 405: "Method not allowed", 413: "Request too large"}.get(
+            exc.status_code, "Error"
+        )
+        return problem(exc.status_code, title, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "Internal error", "an unexpected error occurred; see the server log")

@@ -1,0 +1,137 @@
+"""Datasets: upload (JSON arrays or an .npz), list, get, download, delete.
+
+POST /datasets {"name": ..., "X": [[...]], "y": [...]}             (application/json)
+POST /datasets?name=... with the bytes of an .npz holding X and y  (application/x-npz)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import SettingsDep
+from api.problems import problem
+from api.sessions import CommittedSessionDep as SessionDep
+from services import datasets as dataset_service
+from services.errors import FieldError, SpecError
+from services.settings import Settings
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+NPZ_TYPES = ("application/x-npz", "application/octet-stream", "application/zip")
+
+
+class DatasetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: int
+    name: str
+    n: int
+    d: int
+    label_dim: int
+    checksum: str
+    size_bytes: int
+    report: dict[str, Any]
+    created_at: datetime
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+def _create(
+    db: Session, settings: Settings, media_type: str, name: str | None, body: bytes
+) -> DatasetPublic:
+    if media_type in NPZ_TYPES:
+        if not name:
+            raise SpecError([FieldError("name", name, "an .npz upload needs ?name=")])
+        arrays = dataset_service.arrays_from_npz(body, settings)
+    else:
+        try:
+            spec = dataset_service.DatasetCreate.model_validate(json.loads(body))
+        except json.JSONDecodeError as exc:
+            raise SpecError([FieldError("body", None, f"not JSON: {exc}")]) from exc
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from exc
+        name, arrays = spec.name, dataset_service.arrays_from_json(spec, settings)
+    dataset = dataset_service.create_dataset(db_session=db, name=name, arrays=arrays)
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=DatasetPublic,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": dataset_service.DatasetCreate.model_json_schema(
+                        ref_template="#/components/schemas/{model}"
+                    )
+                },
+                "application/x-npz": {"schema": {"type": "string", "format": "binary"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def create(
+    request: Request,
+    db: SessionDep,
+    settings: SettingsDep,
+    name: Annotated[str | None, Query(max_length=200, description="for .npz uploads")] = None,
+) -> Response:
+    """Upload X and y; they are validated, and near-parallel rows are reported."""
+    body = await request.body()
+    media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    try:
+        created = await run_in_threadpool(_create, db, settings, media_type, name, body)
+    except dataset_service.TooLarge as exc:
+        return problem(413, "Request too large", str(exc))
+    return Response(created.model_dump_json(), status_code=201, media_type="application/json")
+
+
+@router.get("", response_model=DatasetsPublic)
+def list_(
+    db: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DatasetsPublic:
+    """Datasets in id order (metadata and reports, not the arrays)."""
+    rows, count = dataset_service.list_datasets(db_session=db, limit=limit, offset=offset)
+    return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows], count=count)
+
+
+@router.get("/{dataset_id}", response_model=DatasetPublic)
+def get(dataset_id: int, db: SessionDep) -> DatasetPublic:
+    """A dataset's shape, checksum and near-parallel report."""
+    dataset = dataset_service.get_dataset(db_session=db, dataset_id=dataset_id)
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.get("/{dataset_id}/arrays", response_class=Response)
+def arrays(dataset_id: int, db: SessionDep) -> Response:
+    """X and y as an .npz file."""
+    X, y = dataset_service.load_arrays(db_session=db, dataset_id=dataset_id)
+    buffer = io.BytesIO()
+    np.savez(buffer, X=X, y=y)
+    headers = {"Content-Disposition": f'attachment; filename="dataset-{dataset_id}.npz"'}
+    return Response(buffer.getvalue(), media_type="application/x-npz", headers=headers)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete(dataset_id: int, db: SessionDep) -> Response:
+    """Delete a dataset, unless a queued or running run uses it (409)."""
+    dataset_service.delete_dataset(db_session=db, dataset_id=dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,49 @@
+"""Sweeps: create (expanded into queued runs in one transaction), get, list."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, status
+from sqlalchemy import select
+
+from api.deps import SessionDep, SettingsDep
+from api.schemas import SweepCreated, SweepPublic, SweepsPublic
+from services import runs as run_service
+from services.models import Run
+from services.sweeps import SweepSpec, create_sweep
+
+router = APIRouter(prefix="/sweeps", tags=["sweeps"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated)
+def create(spec: SweepSpec, db: SessionDep, settings: SettingsDep) -> SweepCreated:
+    """Validate a sweep spec, expand its grid and queue every run."""
+    sweep = create_sweep(db_session=db, spec=spec, settings=settings)
+    run_ids = list(db.scalars(select(Run.id).where(Run.sweep_id == sweep.id).order_by(Run.id)))
+    return SweepCreated(id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids)
+
+
+@router.get("", response_model=SweepsPublic)
+def list_(
+    db: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> SweepsPublic:
+    """Sweeps, newest first."""
+    sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset)
+    data = [
+        SweepPublic.model_validate(s).model_copy(
+            update={"status_counts": run_service.status_counts(db_session=db, sweep_id=s.id)}
+        )
+        for s in sweeps
+    ]
+    return SweepsPublic(data=data, count=count)
+
+
+@router.get("/{sweep_id}", response_model=SweepPublic)
+def get(sweep_id: int, db: SessionDep) -> SweepPublic:
+    """One sweep with the number of its runs in each state."""
+    sweep = run_service.get_sweep(db_session=db, sweep_id=sweep_id)
+    counts = run_service.status_counts(db_session=db, sweep_id=sweep_id)
+    return SweepPublic.model_validate(sweep).model_copy(update={"status_counts": counts})

@@ -1,0 +1,75 @@
+"""Response schemas (``XPublic``, ``XsPublic``); request schemas live with their services."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+RunStatus = Literal["queued", "running", "succeeded", "diverged", "failed", "cancelled"]
+
+
+class Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class SweepPublic(Public):
+    id: int
+    name: str
+    spec: dict[str, Any]
+    run_count: int
+    created_at: datetime
+    status_counts: dict[str, int] = {}
+
+
+class SweepCreated(Public):
+    id: int
+    name: str
+    run_count: int
+    run_ids: list[int]
+
+
+class SweepsPublic(BaseModel):
+    data: list[SweepPublic]
+    count: int
+
+
+class RunPublic(Public):
+    id: int
+    sweep_id: int | None
+    index: int
+    status: RunStatus
+    attempt: int
+    error: str | None
+    config: dict[str, Any]
+    overrides: dict[str, Any]
+    summary: dict[str, Any]
+    manifest: dict[str, Any]
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class RunsPublic(BaseModel):
+    data: list[RunPublic]
+    count: int
+
+
+class MetricPoint(BaseModel):
+    metric: str
+    step: int
+    value: float | Literal["NaN", "Infinity", "-Infinity"]
+
+
+class MetricsPage(BaseModel):
+    data: list[MetricPoint]
+    count: int
+    next_cursor: str | None
+
+
+class MetricNames(BaseModel):
+    data: list[str]
+    count: int

@@ -1,0 +1,224 @@
+"""Ingestion: overparam vs an MLflow tracking server vs raw COPY, on SQLite and PostgreSQL.
+
+    .venv/bin/python -m benchmarks.ingest_bench [--batches 100] [--mlflow-batches N]
+                                               [--backends sqlite,postgresql]
+
+MLflow 3.17.2 runs from its own virtualenv (``.venv-mlflow``, created on first use; see
+benchmarks/harness.py). Every path writes the same 1,000-point batches (500 steps × 2 metrics),
+one request or transaction per batch, into a database of its own on the same backend. The
+compared paths alternate batch by batch (both servers up, one request at a time), so a change
+in the machine's load affects both sides of a ratio alike:
+
+- REST: ``POST /api/v1/runs/{id}/metrics`` to an external run vs MLflow's
+  ``POST /api/2.0/mlflow/runs/log-batch`` (1,000 metrics is MLflow's cap per call);
+- the dispatcher's internal path: ``services.metrics.write_points`` in one transaction per batch;
+- the floor: the same rows written raw into the same ``metric`` table — binary ``COPY`` on
+  PostgreSQL, a plain ``executemany`` INSERT on SQLite — with nothing else (no name lookup, no
+  duplicate handling, no rollups).
+
+Prints points/s and the ratios the targets are stated in (≥ 20× MLflow over REST; internal path
+≥ 50% of raw COPY on PostgreSQL). A benchmark, not a test: numbers vary with the machine's load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy.orm import Session, sessionmaker
+
+from benchmarks.harness import (
+    Backend,
+    backends,
+    mlflow_run,
+    print_table,
+    serve_mlflow,
+    serve_ours,
+)
+from services.db import make_engine, make_sessionmaker, session_scope
+from services.metrics import copy_payload, metric_ids, write_points
+from services.models import Run
+
+STEPS_PER_BATCH = 500
+METRICS = ("train/loss", "ntk_lambda_min")
+
+
+def batch_points(index: int) -> list[tuple[str, int, float]]:
+    first = index * STEPS_PER_BATCH
+    return [
+        (name, step, math.exp(-step / 20_000) + 1e-3 * ((step * 7919) % 101))
+        for step in range(first, first + STEPS_PER_BATCH)
+        for name in METRICS
+    ]
+
+
+class Timer:
+    """Seconds spent per path; paths alternate batch by batch, so load changes hit all alike."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.points: dict[str, int] = {}
+
+    def time(self, path: str, points: int, fn: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        fn()
+        self.seconds[path] = self.seconds.get(path, 0.0) + time.perf_counter() - start
+        self.points[path] = self.points.get(path, 0) + points
+
+    def rate(self, path: str) -> float:
+        return self.points[path] / self.seconds[path]
+
+
+def rest_paths(timer: Timer, ours: str, mlflow: str, batches: int, mlflow_batches: int) -> None:
+    """Both servers up, one request at a time: overparam's batch i, then MLflow's batch i."""
+    data = [batch_points(i) for i in range(batches + 2)]
+    with (
+        httpx.Client(base_url=ours, timeout=600) as a,
+        httpx.Client(base_url=mlflow, timeout=600) as b,
+    ):
+        run_id = a.post("/api/v1/runs", json={"config": {}, "external": True}).json()["id"]
+        mlflow_id = mlflow_run(b)
+
+        def ours_body(points: list[tuple[str, int, float]]) -> bytes:
+            return json.dumps(
+                {"points": [{"metric": n, "step": s, "value": v} for n, s, v in points]}
+            ).encode()
+
+        def mlflow_body(points: list[tuple[str, int, float]]) -> bytes:
+            metrics = [
+                {"key": n, "value": v, "timestamp": 1_700_000_000_000 + s, "step": s}
+                for n, s, v in points
+            ]
+            return json.dumps({"run_id": mlflow_id, "metrics": metrics}).encode()
+
+        # Request bodies are encoded before the clock starts: the servers are measured.
+        bodies = [(ours_body(points), mlflow_body(points), len(points)) for points in data]
+        json_type = {"content-type": "application/json"}
+        log_ours = f"/api/v1/runs/{run_id}/metrics"
+        log_mlflow = "/api/2.0/mlflow/runs/log-batch"
+        for body, other, _ in bodies[:2]:  # warm-up
+            a.post(log_ours, content=body, headers=json_type).raise_for_status()
+            b.post(log_mlflow, content=other, headers=json_type).raise_for_status()
+        for i, (body, other, n) in enumerate(bodies[2:]):
+            post = partial(a.post, log_ours, content=body, headers=json_type)
+            timer.time("ours", n, lambda: post().raise_for_status())  # noqa: B023
+            if i < mlflow_batches:
+                post = partial(b.post, log_mlflow, content=other, headers=json_type)
+                timer.time("mlflow", n, lambda: post().raise_for_status())  # noqa: B023
+
+
+def new_run(sessions: sessionmaker[Session]) -> int:
+    with session_scope(sessions) as db:
+        run = Run(config={}, status="running", external=True)
+        db.add(run)
+        db.flush()
+        return run.id
+
+
+def internal_paths(timer: Timer, url: str, batches: int) -> str:
+    """write_points per batch (the dispatcher's path) alternating with the raw floor."""
+    engine = make_engine(url)
+    sessions = make_sessionmaker(engine)
+    ours_run, raw_run = new_run(sessions), new_run(sessions)
+    with session_scope(sessions) as db:
+        ids = metric_ids(db_session=db, names=METRICS)
+    data = [batch_points(i) for i in range(batches + 2)]
+    if url.startswith("sqlite"):
+        import sqlite3
+
+        conn: Any = sqlite3.connect(url.removeprefix("sqlite:///"))
+        conn.execute("PRAGMA synchronous=NORMAL")
+        sql = "INSERT INTO metric (run_id, metric_id, step, value) VALUES (?, ?, ?, ?)"
+        floor = "raw executemany"
+
+        def raw(points: list[tuple[str, int, float]]) -> None:
+            conn.executemany(sql, sorted((raw_run, ids[n], s, v) for n, s, v in points))
+            conn.commit()
+    else:
+        conn = psycopg.connect(url.replace("postgresql+psycopg", "postgresql"))
+        copy_sql = "COPY metric (run_id, metric_id, step, value) FROM STDIN (FORMAT BINARY)"
+        floor = "raw COPY"
+
+        def raw(points: list[tuple[str, int, float]]) -> None:
+            rows = sorted((ids[n], s, v) for n, s, v in points)
+            with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                copy.write(copy_payload(raw_run, rows))
+            conn.commit()
+
+    def internal(points: list[tuple[str, int, float]]) -> None:
+        with session_scope(sessions) as db:
+            write_points(db_session=db, run_id=ours_run, points=points)
+
+    for points in data[:2]:
+        internal(points)
+        raw(points)
+    for points in data[2:]:
+        timer.time("internal", len(points), lambda: internal(points))  # noqa: B023
+        timer.time("raw", len(points), lambda: raw(points))  # noqa: B023
+    conn.close()
+    engine.dispose()
+    return floor
+
+
+def bench(backend: Backend, batches: int, mlflow_batches: int) -> list[list[str]]:
+    timer = Timer()
+    with (
+        tempfile.TemporaryDirectory() as artifacts,
+        serve_ours(backend.ours) as ours,
+        serve_mlflow(backend.mlflow, artifacts) as mlflow,
+    ):
+        rest_paths(timer, ours, mlflow, batches, mlflow_batches)
+    floor = internal_paths(timer, backend.ours, batches)
+    mlflow_rate, rest, internal, raw = (
+        timer.rate(path) for path in ("mlflow", "ours", "internal", "raw")
+    )
+    return [
+        [backend.name, "MLflow REST log-batch", f"{mlflow_rate:,.0f}", "1.0× MLflow", ""],
+        [
+            backend.name,
+            "overparam REST",
+            f"{rest:,.0f}",
+            f"{rest / mlflow_rate:.1f}× MLflow",
+            "≥ 20×",
+        ],
+        [
+            backend.name,
+            "overparam internal (dispatcher)",
+            f"{internal:,.0f}",
+            f"{internal / raw:.0%} of {floor}",
+            "≥ 50% (PostgreSQL)",
+        ],
+        [backend.name, floor, f"{raw:,.0f}", "100%", ""],
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, default=100, help="1,000-point batches per path")
+    parser.add_argument("--mlflow-batches", type=int, default=None, help="default: --batches")
+    parser.add_argument("--backends", default="sqlite,postgresql")
+    args = parser.parse_args()
+    rows = []
+    load = os.getloadavg()[0]
+    with backends(args.backends.split(",")) as selected:
+        for backend in selected:
+            rows += bench(backend, args.batches, args.mlflow_batches or args.batches)
+    print_table(
+        "Ingestion, 1,000-point batches, one request / transaction each (points per second; "
+        f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
+        ["backend", "path", "points/s", "ratio", "target"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,357 @@
+"""A small synchronous client for the overparam REST API.
+
+Metric histories come back as :class:`MetricPoints` (iterate dicts, or ``.to_pandas()`` with
+the ``pandas`` extra); live streams as :class:`ServerEvent` iterators that reconnect with
+``Last-Event-ID`` and so never miss or repeat a point.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import yaml
+
+if TYPE_CHECKING:
+    import pandas
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+class OverparamError(Exception):
+    """A problem+json answer from the service, or no answer at all."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status = status
+        self.problem = problem
+        lines = [f"{status} {problem.get('title', 'error')}: {problem.get('detail', '')}"]
+        lines += [
+            f"  {e['field']} = {e.get('value')!r}: {e['reason']}" for e in problem.get("errors", [])
+        ]
+        super().__init__("\n".join(lines))
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """A sweep spec file: YAML (or JSON, which is YAML) with the body of POST /api/v1/sweeps."""
+    spec = yaml.safe_load(path.read_text())
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: a sweep spec is a mapping, got {type(spec).__name__}")
+    return spec
+
+
+NON_FINITE = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as exc:
+        raise ImportError("DataFrames need pandas: pip install 'overparam[pandas]'") from exc
+    return pandas
+
+
+class MetricPoints(Iterable[dict[str, Any]]):
+    """Metric points as dicts ({"metric", "step", "value"}, plus "run_id" for a sweep).
+
+    Iterating fetches the pages anew each time; ``next()`` walks one shared pass (so code that
+    treated the old generator as an iterator keeps working). Values are as the API sends them:
+    numbers, or "NaN" / "Infinity" / "-Infinity".
+    """
+
+    def __init__(self, pages: Callable[[], Iterator[dict[str, Any]]]) -> None:
+        self._pages = pages
+        self._pass: Iterator[dict[str, Any]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._pages()
+
+    def __next__(self) -> dict[str, Any]:
+        if self._pass is None:
+            self._pass = self._pages()
+        return next(self._pass)
+
+    def to_pandas(self, wide: bool = False) -> pandas.DataFrame:
+        """Long format (columns [run_id,] metric, step, value as float64 with NaN/±inf), or
+        ``wide``: one row per ([run_id,] step), one column per metric."""
+        pd = _pandas()
+        rows = [
+            p | {"value": NON_FINITE.get(p["value"], p["value"])}
+            if isinstance(p["value"], str)
+            else p
+            for p in self
+        ]
+        columns = ["run_id", "metric", "step", "value"]
+        frame = pd.DataFrame(rows, columns=columns if rows and "run_id" in rows[0] else columns[1:])
+        frame["value"] = frame["value"].astype("float64")
+        if not wide:
+            return frame
+        index = ["run_id", "step"] if "run_id" in frame.columns else ["step"]
+        return frame.pivot_table(index=index, columns="metric", values="value", aggfunc="first")
+
+
+@dataclass(frozen=True)
+class ServerEvent:
+    """One Server-Sent Event: ``event`` (metrics, status, end), its JSON ``data`` and ``id``."""
+
+    event: str
+    data: Any
+    id: str | None
+
+
+def parse_sse(lines: Iterable[str]) -> Iterator[ServerEvent]:
+    """Events of a text/event-stream, line by line (comments and ``retry`` are skipped)."""
+    event, event_id = "message", None
+    data: list[str] = []
+    for line in lines:
+        if not line:
+            if data:
+                text = "\n".join(data)
+                try:
+                    payload: Any = json.loads(text)
+                except ValueError:
+                    payload = text
+                yield ServerEvent(event, payload, event_id)
+            event, data, event_id = "message", [], None
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id":
+            event_id = value
+
+
+class OverparamClient:
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 30.0) -> None:
+        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", timeout=timeout)
+
+    def __enter__(self) -> OverparamClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise OverparamError(
+                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
+            ) from exc
+        if response.is_error:
+            try:
+                problem = response.json()
+            except ValueError:
+                problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+            raise OverparamError(response.status_code, problem)
+        return response.json()
+
+    def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._call("POST", "/sweeps", json=spec)
+
+    def sweep(self, sweep_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/sweeps/{sweep_id}")
+
+    def sweeps(self, limit: int = 100) -> list[dict[str, Any]]:
+        return self._call("GET", "/sweeps", params={"limit": limit})["data"]
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        return self._call("GET", f"/runs/{run_id}")
+
+    def runs(
+        self, sweep_id: int | None = None, status: str | None = None, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if sweep_id is not None:
+            params["sweep_id"] = sweep_id
+        if status is not None:
+            params["status"] = status
+        return self._call("GET", "/runs", params=params)["data"]
+
+    def cancel(self, run_id: int) -> dict[str, Any]:
+        return self._call("POST", f"/runs/{run_id}/cancel")
+
+    def metric_names(self, run_id: int) -> list[str]:
+        return self._call("GET", f"/runs/{run_id}/metric-names")["data"]
+
+    def metrics(
+        self,
+        run_id: int,
+        names: list[str] | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        page_size: int = 10_000,
+    ) -> MetricPoints:
+        """Every point (following the keyset cursor), ordered by (metric, step)."""
+        params = _query(names, start, end) | {"limit": page_size}
+        return MetricPoints(lambda: self._pages(f"/runs/{run_id}/metrics", params))
+
+    def sweep_metrics(
+        self,
+        sweep_id: int,
+        names: list[str] | None = None,
+        start: int | None = None,
+        end: int | None = None,
+        page_size: int = 10_000,
+    ) -> MetricPoints:
+        """Every point of every run of a sweep, ordered by (run, metric, step)."""
+        params = _query(names, start, end) | {"limit": page_size}
+        return MetricPoints(lambda: self._pages(f"/sweeps/{sweep_id}/metrics", params))
+
+    def metrics_frame(
+        self, run_id: int, names: list[str] | None = None, wide: bool = False
+    ) -> pandas.DataFrame:
+        """A run's metrics as a pandas DataFrame (see :meth:`MetricPoints.to_pandas`)."""
+        return self.metrics(run_id, names=names).to_pandas(wide=wide)
+
+    def _pages(self, path: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        params = dict(params)
+        while True:
+            page = self._call("GET", path, params=params)
+            yield from page["data"]
+            if not page["next_cursor"]:
+                return
+            params["cursor"] = page["next_cursor"]
+
+    def run_analysis(
+        self, run_id: int, loss_threshold: float | None = None, recompute: bool = False
+    ) -> dict[str, Any]:
+        """Fitted rate vs theory, steps to threshold, λ_min, movement, regime checks."""
+        params = _analysis_params(loss_threshold, recompute)
+        return self._call("GET", f"/runs/{run_id}/analysis", params=params)
+
+    def sweep_analysis(
+        self, sweep_id: int, loss_threshold: float | None = None, recompute: bool = False
+    ) -> dict[str, Any]:
+        """Groups over seeds, scaling-law fits with intervals, smallest widths, labels."""
+        params = _analysis_params(loss_threshold, recompute)
+        return self._call("GET", f"/sweeps/{sweep_id}/analysis", params=params)
+
+    def fits_frame(self, sweep_id: int) -> pandas.DataFrame:
+        """A sweep's scaling-law fits, one row per fit (ci split into ci_low, ci_high)."""
+        fits = self.sweep_analysis(sweep_id)["fits"]
+        rows = [
+            {k: v for k, v in f.items() if k not in ("ci", "run_ids")}
+            | {"ci_low": (f["ci"] or [None])[0], "ci_high": (f["ci"] or [None, None])[1]}
+            for f in fits
+        ]
+        return _pandas().DataFrame(rows)
+
+    def plot(self, sweep_id: int, kind: str, **params: Any) -> bytes:
+        """A sweep plot as PNG bytes (kind: loss, lambda_min, scaling, movement)."""
+        return self._bytes(f"/sweeps/{sweep_id}/plots/{kind}", params)
+
+    def run_plot(self, run_id: int, kind: str) -> bytes:
+        """A run plot as PNG bytes (kind: loss, lambda_min, movement)."""
+        return self._bytes(f"/runs/{run_id}/plots/{kind}", {})
+
+    def _bytes(self, path: str, params: dict[str, Any]) -> bytes:
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            response = self.http.get(path, params=params)
+        except httpx.TransportError as exc:
+            raise OverparamError(
+                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
+            ) from exc
+        if response.is_error:
+            self._raise(response)
+        return response.content
+
+    def export(
+        self,
+        out: Path,
+        *,
+        run_id: int | None = None,
+        sweep_id: int | None = None,
+        format: str = "csv",
+        names: list[str] | None = None,
+    ) -> int:
+        """Download a run's or a sweep's points as CSV or Parquet into ``out``; bytes written."""
+        if (run_id is None) == (sweep_id is None):
+            raise ValueError("export needs exactly one of run_id and sweep_id")
+        path = f"/runs/{run_id}" if run_id is not None else f"/sweeps/{sweep_id}"
+        params = _query(names, None, None) | {"format": format}
+        written = 0
+        try:
+            with self.http.stream("GET", f"{path}/metrics/export", params=params) as response:
+                if response.is_error:
+                    response.read()
+                    self._raise(response)
+                with out.open("wb") as sink:
+                    for chunk in response.iter_bytes():
+                        written += sink.write(chunk)
+        except httpx.TransportError as exc:
+            raise OverparamError(
+                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
+            ) from exc
+        return written
+
+    def stream_run(self, run_id: int, names: list[str] | None = None) -> Iterator[ServerEvent]:
+        """Live events of a run (SSE): ``metrics``, ``status``, finally ``end``."""
+        return self._events(f"/runs/{run_id}/metrics/stream", _query(names, None, None))
+
+    def stream_sweep(self, sweep_id: int, names: list[str] | None = None) -> Iterator[ServerEvent]:
+        """Live events of every run of a sweep (SSE): ``metrics``, ``status``, then ``end``."""
+        return self._events(f"/sweeps/{sweep_id}/stream", _query(names, None, None))
+
+    def _events(self, path: str, params: dict[str, Any], retries: int = 5) -> Iterator[ServerEvent]:
+        """Follow a stream until ``end``, reconnecting with Last-Event-ID when it drops."""
+        last_id: str | None = None
+        failures = 0
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                with self.http.stream(
+                    "GET", path, params=params, headers=headers, timeout=httpx.Timeout(60.0)
+                ) as response:
+                    if response.is_error:
+                        response.read()
+                        self._raise(response)
+                    for event in parse_sse(response.iter_lines()):
+                        failures = 0
+                        if event.id:
+                            last_id = event.id
+                        yield event
+                        if event.event == "end":
+                            return
+            except httpx.TransportError as exc:
+                failures += 1
+                if failures > retries:
+                    raise OverparamError(
+                        0, {"title": "Stream lost", "detail": f"{path}: {exc}"}
+                    ) from exc
+                time.sleep(min(2.0, 0.2 * 2**failures))
+
+    def _raise(self, response: httpx.Response) -> None:
+        try:
+            problem = response.json()
+        except ValueError:
+            problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+        raise OverparamError(response.status_code, problem)
+
+
+def _query(names: list[str] | None, start: int | None, end: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if names:
+        params["name"] = names
+    if start is not None:
+        params["start"] = start
+    if end is not None:
+        params["end"] = end
+    return params
+
+
+def _analysis_params(loss_threshold: float | None, recompute: bool) -> dict[str, Any]:
+    params: dict[str, Any] = {"recompute": recompute}
+    if loss_threshold is not None:
+        params["loss_threshold"] = loss_threshold
+    return params

@@ -1,0 +1,1 @@
+"""Alembic migrations (one dialect-neutral tree; batch mode on SQLite)."""

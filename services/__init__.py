@@ -1,0 +1,1 @@
+"""The application: settings, database, sweeps, run lifecycle, metrics and the dispatcher."""

@@ -1,0 +1,418 @@
+"""Run analysis: one finished (or running) run held against what the theory predicts.
+
+:func:`analyze_run` is pure — metric points and the run config in, a JSON-ready dict out — so
+the dispatcher stores it in a run's summary (under ``"analysis"``) when the run finishes and the
+API recomputes it on demand from the stored history (:func:`run_analysis`). It reports:
+
+- the fitted linear convergence rate: OLS slope of ln L(k) against k over the late phase (the
+  second half of the steps before the loss meets the float floor), with its standard error,
+  95% Student-t interval and r²; the theory's rate 2·ln(1 − η λ_min(H(0))) (Arora et al. 2019;
+  SCIENCE.md) and Du's bound ln(1 − η λ₀/2) per step (Du et al. ICLR 2019, ICML 2019);
+- steps to reach a loss threshold (the config's ``loss_threshold``, else 10⁻³ · L(0));
+- min over training of λ_min(H(k)) / λ_min(H(0)) and whether λ_min(H(k)) ≥ λ₀/2 held;
+- final weight movement per layer (absolute, relative, /√m, max per neuron), pattern flips, the
+  relative change of the NTK and of G⁽ᴴ⁾;
+- whether the run stayed in the regime the theorems assume (width vs n, activation smoothness,
+  step size vs λ₀ and λ_max(H(0)), duplicate inputs, GD on the squared loss).
+
+Every number is finite or None (PostgreSQL's JSONB refuses NaN).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session
+
+from services import history
+from services.fits import fit_line
+from services.models import Run
+from worker.baseline import PREDICTED_LOSS
+from worker.metrics import GRAM_H_CHANGE, GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS, NTK_CHANGE
+
+ANALYSIS_VERSION = 1
+# Per-run constants the worker reports at step 0 (worker/baseline.py writes these names).
+LAMBDA0 = "theory/lambda0"
+Y_HINV_Y = "theory/y_Hinv_y"
+GENERALIZATION = "theory/generalization_bound"
+RUN_LR = "run/lr"
+PARAMETER_COUNT = "run/parameter_count"
+DUPLICATE_PAIRS = "data/duplicate_pairs"
+PARALLEL_PAIRS = "data/parallel_pairs"
+# Per-layer laziness metrics (worker/metrics.py: LayerDistance.points, pattern flips in train).
+LAYER_METRICS = {
+    "weight_dist": "weight_dist/",
+    "weight_dist_rel": "weight_dist_rel/",
+    "weight_dist_per_sqrt_m": "weight_dist_per_sqrt_m/",
+    "neuron_dist_max": "neuron_dist_max/",
+    "pattern_flips": "pattern_flips/",
+}
+
+LATE_FRACTION = 0.5  # the rate is fitted over the last half of the pre-floor steps
+LOSS_FLOOR = 1e-12  # relative to L(0): below it float rounding, not GD, sets the curve
+DEFAULT_RELATIVE_THRESHOLD = 1e-3  # steps to reach 10⁻³ · L(0) when the config sets none
+ANALYSIS_MAX_POINTS = 20_000  # per metric read for an analysis (exact below this many steps)
+SMOOTH_ACTIVATIONS = frozenset({"softplus", "tanh", "gelu"})
+
+Points = Sequence[tuple[int, float | None]]  # (step, value), step order; None is NaN
+
+
+def finite(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else None (what JSON summaries store)."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _sorted(points: Points | None) -> list[tuple[int, float]]:
+    return sorted((int(s), math.nan if v is None else float(v)) for s, v in points or ())
+
+
+def _first(points: Points | None) -> float | None:
+    pts = _sorted(points)
+    return finite(pts[0][1]) if pts else None
+
+
+def _last(points: Points | None) -> float | None:
+    pts = _sorted(points)
+    return finite(pts[-1][1]) if pts else None
+
+
+def _log(value: float | None) -> float | None:
+    return math.log(value) if value is not None and value > 0 else None
+
+
+def step_size(config: Mapping[str, Any], points: Mapping[str, Points]) -> float | None:
+    """η: the config's ``lr``, or the worker's reported ``run/lr`` (``lr: auto``)."""
+    lr = config.get("lr")
+    if isinstance(lr, int | float) and not isinstance(lr, bool):
+        return float(lr)
+    return _first(points.get(RUN_LR))
+
+
+def late_phase(loss: Points) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, ln L) of the late phase: the last ``LATE_FRACTION`` of the steps from the first
+    point to the last one before the loss first drops to ``LOSS_FLOOR`` · L(0)."""
+    pts = [(s, v) for s, v in _sorted(loss) if math.isfinite(v)]
+    if not pts or pts[0][1] <= 0:
+        return np.empty(0), np.empty(0)
+    floor = pts[0][1] * LOSS_FLOOR
+    end = next((i for i, (_, v) in enumerate(pts) if v <= floor), len(pts))
+    pts = pts[:end]
+    if not pts:
+        return np.empty(0), np.empty(0)
+    first, last = pts[0][0], pts[-1][0]
+    start = last - LATE_FRACTION * (last - first)
+    late = [(s, v) for s, v in pts if s >= start]
+    return np.array([s for s, _ in late], float), np.log([v for _, v in late])
+
+
+def linear_rate(eta: float | None, lam: float | None) -> float | None:
+    """2·ln|1 − η λ|: the per-step change of ln L when the residual contracts along λ."""
+    if eta is None or lam is None or not 0 < abs(1 - eta * lam) < 1:
+        return None
+    return 2 * math.log(abs(1 - eta * lam))
+
+
+def convergence(
+    loss: Points,
+    eta: float | None,
+    lam_min0: float | None,
+    lambda0: float | None,
+    lam_min: Points = (),
+) -> dict[str, Any]:
+    """The fitted late-phase rate of ln L per step next to the theory's and Du's bound.
+
+    ``late_theory_rate`` uses the mean λ_min(H(k)) over the fit's steps instead of H(0): it
+    tells a finite width's drifting kernel from a wrong rate."""
+    steps, log_loss = late_phase(loss)
+    fit = fit_line(steps, log_loss)
+    theory = linear_rate(eta, lam_min0)
+    late_lam = None
+    if len(steps):
+        window = [v for s, v in _sorted(lam_min) if steps[0] <= s <= steps[-1] and math.isfinite(v)]
+        late_lam = float(np.mean(window)) if window else None
+    du_factor = 1 - eta * lambda0 / 2 if eta is not None and lambda0 is not None else None
+    du_rate = math.log(du_factor) if du_factor is not None and 0 < du_factor < 1 else None
+    fitted = fit.slope if fit is not None else None
+    return {
+        "fitted_rate": fitted,
+        "fit": fit.as_dict() if fit is not None else None,
+        "fit_steps": [int(steps[0]), int(steps[-1])] if len(steps) else None,
+        "fitted_factor": math.exp(fitted) if fitted is not None else None,
+        "theory_rate": theory,
+        "rate_ratio": fitted / theory if fitted is not None and theory else None,
+        "late_lambda_min": late_lam,
+        "late_theory_rate": linear_rate(eta, late_lam),
+        "du_factor": finite(du_factor),
+        "du_rate_bound": du_rate,
+        "within_du_bound": (fitted <= du_rate) if fitted is not None and du_rate else None,
+    }
+
+
+def steps_to_threshold(loss: Points, threshold: float) -> int | None:
+    """The first step whose loss is at or below ``threshold`` (None: never)."""
+    return next((s for s, v in _sorted(loss) if math.isfinite(v) and v <= threshold), None)
+
+
+def threshold_for(
+    config: Mapping[str, Any], initial_loss: float | None, override: float | None
+) -> tuple[float | None, str]:
+    """(threshold, where it came from): the caller's, the config's, or 10⁻³ · L(0)."""
+    if override is not None:
+        return override, "request"
+    configured = config.get("loss_threshold")
+    if isinstance(configured, int | float) and configured > 0:
+        return float(configured), "config"
+    if initial_loss is None:
+        return None, "none"
+    return DEFAULT_RELATIVE_THRESHOLD * initial_loss, "relative"
+
+
+def _finite_points(points: Points | None) -> list[tuple[int, float]]:
+    return [(s, v) for s, v in _sorted(points) if math.isfinite(v)]
+
+
+def spectrum(points: Mapping[str, Points], eta: float | None) -> dict[str, Any]:
+    """λ_min(H(k)) over training against λ_min(H(0)), and Du's G⁽ᴴ⁾(k) against λ₀.
+
+    λ₀ is λ_min of the last hidden layer's infinite-width kernel, so the theorems' condition
+    λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 is checked on G⁽ᴴ⁾ (the NTK itself for ``two_layer``); without it,
+    or without λ₀, on the NTK against λ_min(H(0))/2."""
+    lam = _finite_points(points.get(LAMBDA_MIN))
+    lam0 = lam[0][1] if lam else None
+    lam_min = min(v for _, v in lam) if lam else None
+    lambda0 = _first(points.get(LAMBDA0))
+    lam_max0 = _first(points.get(LAMBDA_MAX))
+    gram_h = [v for _, v in _finite_points(points.get(GRAM_H_MIN))]
+    watched: float | None
+    reference: float | None
+    if lambda0 is not None and lambda0 > 0 and (gram_h or lam):
+        watched, reference = min(gram_h) if gram_h else lam_min, lambda0
+    else:
+        watched, reference = lam_min, lam0
+    return {
+        "lambda_min_initial": finite(lam0),
+        "lambda_min_min": finite(lam_min),
+        "lambda_min_final": finite(lam[-1][1]) if lam else None,
+        "lambda_min_min_ratio": finite(lam_min / lam0) if lam_min is not None and lam0 else None,
+        "gram_H_lambda_min_min": finite(min(gram_h)) if gram_h else None,
+        "lambda_max_initial": lam_max0,
+        "lambda0": lambda0,
+        "eta": eta,
+        "eta_lambda0": finite(eta * lambda0) if eta is not None and lambda0 is not None else None,
+        "eta_lambda_max_initial": finite(eta * lam_max0)
+        if eta is not None and lam_max0 is not None
+        else None,
+        "stays_above_half_lambda0": (watched >= reference / 2)
+        if watched is not None and reference
+        else None,
+    }
+
+
+def layer_names(points: Mapping[str, Points]) -> list[str]:
+    """The layers with laziness metrics, in the worker's order (layer1 … layerH, out)."""
+    layers = {
+        name[len(prefix) :]
+        for name in points
+        for prefix in LAYER_METRICS.values()
+        if name.startswith(prefix)
+    }
+
+    def order(layer: str) -> tuple[int, int, str]:
+        digits = layer.removeprefix("layer")
+        return (1, 0, layer) if not digits.isdigit() else (0, int(digits), layer)
+
+    return sorted(layers, key=order)
+
+
+def movement(points: Mapping[str, Points]) -> dict[str, Any]:
+    """Final weight distances and pattern flips per layer; final and largest Gram changes."""
+    layers = {
+        layer: {
+            key: _last(points.get(prefix + layer))
+            for key, prefix in LAYER_METRICS.items()
+            if prefix + layer in points
+        }
+        for layer in layer_names(points)
+    }
+    ntk = [v for _, v in _sorted(points.get(NTK_CHANGE)) if math.isfinite(v)]
+    return {
+        "layers": layers,
+        "ntk_rel_change": finite(ntk[-1]) if ntk else None,
+        "ntk_rel_change_max": finite(max(ntk)) if ntk else None,
+        "gram_H_rel_change": _last(points.get(GRAM_H_CHANGE)),
+    }
+
+
+def theory_comparison(
+    points: Mapping[str, Points], final_loss: float | None, layers: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Arora et al.'s predictions (distance √(yᵀH⁻¹y), the linearized loss curve) vs the run."""
+    y_hinv_y = _first(points.get(Y_HINV_Y))
+    predicted = _last(points.get(PREDICTED_LOSS))
+    distance = math.sqrt(y_hinv_y) if y_hinv_y is not None and y_hinv_y >= 0 else None
+    first_layer = layers.get("layer1", {}).get("weight_dist")
+    return {
+        "y_Hinv_y": y_hinv_y,
+        "generalization_bound": _first(points.get(GENERALIZATION)),
+        "predicted_distance": distance,
+        "distance_ratio": finite(first_layer / distance) if first_layer and distance else None,
+        "predicted_final_loss": predicted,
+        "final_loss_ratio": finite(final_loss / predicted) if final_loss and predicted else None,
+    }
+
+
+def _check(name: str, ok: bool | None, value: Any, requirement: str) -> dict[str, Any]:
+    return {"name": name, "ok": ok, "value": value, "requirement": requirement}
+
+
+def regime(
+    config: Mapping[str, Any], points: Mapping[str, Points], spec: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Did the run stay where the theorems apply? Each check: ok (None: unknown), value, what
+    the papers assume. The papers' width and step-size conditions are worst-case sufficient
+    conditions (m = Ω(n⁶/λ₀⁴δ³), η = O(λ₀/n²) for two layers); the checks are the practical
+    ones, and the worst-case ratios are reported as values."""
+    arch, activation = config.get("arch"), config.get("activation")
+    width, data = config.get("width"), config.get("data") or {}
+    n = data.get("n") if isinstance(data, Mapping) else None
+    lambda0, eta = spec.get("lambda0"), spec.get("eta")
+    checks = []
+    if isinstance(width, int) and isinstance(n, int):
+        checks.append(
+            _check("width_vs_n", width >= n, width / n, "m ≥ n (the papers: m = poly(n))")
+        )
+    if arch is not None and activation is not None:
+        smooth = activation in SMOOTH_ACTIVATIONS
+        ok = True if arch == "two_layer" else smooth
+        need = (
+            "ReLU or smooth (Du et al. ICLR 2019)"
+            if arch == "two_layer"
+            else "analytic, Lipschitz and smooth (Du et al. ICML 2019): not ReLU"
+        )
+        checks.append(_check("activation", ok, activation, need))
+    if spec.get("eta_lambda_max_initial") is not None:
+        value = spec["eta_lambda_max_initial"]
+        checks.append(_check("step_size_stable", value < 2, value, "η·λ_max(H(0)) < 2"))
+    if spec.get("eta_lambda0") is not None:
+        value = spec["eta_lambda0"]
+        checks.append(_check("step_size_vs_lambda0", 0 < value <= 1, value, "0 < η·λ₀ ≤ 1"))
+        if isinstance(n, int) and lambda0 and eta:
+            worst = eta * n * n / lambda0
+            checks.append(_check("step_size_worst_case", None, worst, "η·n²/λ₀ = O(1)"))
+    if spec.get("stays_above_half_lambda0") is not None:
+        checks.append(
+            _check(
+                "lambda_min_stays",
+                spec["stays_above_half_lambda0"],
+                spec.get("gram_H_lambda_min_min") or spec.get("lambda_min_min"),
+                "λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 for all k",
+            )
+        )
+    pairs = [_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS)]
+    if any(p is not None for p in pairs):
+        count = sum(p or 0 for p in pairs)
+        checks.append(_check("distinct_inputs", count == 0, count, "no parallel inputs (λ₀ > 0)"))
+    if "loss" in config or "optimizer" in config:
+        case = f"{config.get('loss', 'mse')}/{config.get('optimizer', 'gd')}"
+        checks.append(_check("objective", case == "mse/gd", case, "full-batch GD on ½‖u − y‖²"))
+    known = [c["ok"] for c in checks if c["ok"] is not None]
+    return {"in_regime": all(known) if known else None, "checks": checks}
+
+
+def analyze_run(
+    points_by_metric: Mapping[str, Points],
+    config: Mapping[str, Any],
+    *,
+    loss_threshold: float | None = None,
+) -> dict[str, Any]:
+    """The analysis of one run from its metric points ({name: [(step, value), …]}) and config.
+
+    Pure and deterministic; any metric may be missing (its entries are then None).
+    """
+    loss = points_by_metric.get(LOSS, ())
+    losses = _sorted(loss)
+    initial, final = (finite(losses[0][1]), finite(losses[-1][1])) if losses else (None, None)
+    eta = step_size(config, points_by_metric)
+    spec = spectrum(points_by_metric, eta)
+    threshold, source = threshold_for(config, initial, loss_threshold)
+    reached = steps_to_threshold(loss, threshold) if threshold is not None else None
+    moved = movement(points_by_metric)
+    return {
+        "version": ANALYSIS_VERSION,
+        "steps_done": losses[-1][0] if losses else None,
+        "initial_loss": initial,
+        "final_loss": final,
+        "convergence": convergence(
+            loss,
+            eta,
+            spec["lambda_min_initial"],
+            spec["lambda0"],
+            points_by_metric.get(LAMBDA_MIN, ()),
+        ),
+        "threshold": {
+            "loss_threshold": threshold,
+            "source": source,
+            "steps_to_threshold": reached,
+            "reached": reached is not None,
+        },
+        "spectrum": spec,
+        "movement": moved,
+        "theory": theory_comparison(points_by_metric, final, moved["layers"]),
+        "regime": regime(config, points_by_metric, spec),
+    }
+
+
+# -- from the database -------------------------------------------------------------------------
+
+
+def analysis_metric_names(names: Sequence[str]) -> list[str]:
+    """The metrics of a run that :func:`analyze_run` reads (not spectra, timings, gradients)."""
+    wanted = {LOSS, LAMBDA_MIN, LAMBDA_MAX, NTK_CHANGE, GRAM_H_MIN, GRAM_H_CHANGE, PREDICTED_LOSS}
+    wanted |= {LAMBDA0, Y_HINV_Y, GENERALIZATION, RUN_LR, DUPLICATE_PAIRS, PARALLEL_PAIRS}
+    prefixes = tuple(LAYER_METRICS.values())
+    return [name for name in names if name in wanted or name.startswith(prefixes)]
+
+
+def load_points(
+    *, db_session: Session, run_id: int, names: Sequence[str] | None = None
+) -> dict[str, list[tuple[int, float | None]]]:
+    """{metric: [(step, value), …]} of the analysis metrics of a run (or of ``names``), each
+    downsampled to ``ANALYSIS_MAX_POINTS`` (exact for shorter histories)."""
+    if names is None:
+        names = analysis_metric_names(
+            history.run_metric_names(db_session=db_session, run_id=run_id)
+        )
+    if not names:
+        return {}
+    series = history.read_downsampled(
+        db_session=db_session,
+        run_id=run_id,
+        names=names,
+        start=None,
+        end=None,
+        max_points=ANALYSIS_MAX_POINTS,
+    )
+    return {s.metric: list(s.points) for s in series}
+
+
+def run_analysis(
+    *, db_session: Session, run: Run, loss_threshold: float | None = None, recompute: bool = False
+) -> dict[str, Any]:
+    """The run's stored analysis when it is final and current, else computed from its metrics."""
+    stored = (run.summary or {}).get("analysis")
+    if (
+        not recompute
+        and loss_threshold is None
+        and isinstance(stored, dict)
+        and stored.get("version") == ANALYSIS_VERSION
+        and run.status in ("succeeded", "diverged", "failed", "cancelled")
+    ):
+        return stored
+    points = load_points(db_session=db_session, run_id=run.id)
+    return analyze_run(points, run.config or {}, loss_threshold=loss_threshold)

@@ -1,0 +1,230 @@
+"""Runs created over REST: external runs that any training script logs to, and single queued runs.
+
+An external run (``external=True``) is created directly in ``running`` — the dispatcher claims
+only ``queued`` runs, so it never touches one — logged to in batches through the same
+ingestion function as the dispatcher's (:func:`services.metrics.write_points`) and finished by
+its client. Its config is any JSON object (a script's hyper-parameters), size-capped. A
+non-external run is a one-run sweep, validated like any sweep.
+
+Metric posts and the finish race safely: the post takes a share lock on the run row on
+PostgreSQL (so the finishing UPDATE waits for it), and re-reads the status after writing on
+SQLite (where the write already holds the database's write lock).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from typing_extensions import TypedDict
+
+from services.errors import Conflict, FieldError, NotFound, SpecError
+from services.manifest import base_manifest
+from services.metrics import MAX_STEP, NAME_PATTERN, Point, write_points
+from services.models import FINAL_STATUSES, Run, utcnow
+from services.runs import get_run, transition
+from services.settings import Settings
+from services.sweeps import SweepSpec, create_sweep
+
+
+class RunCreate(BaseModel):
+    """The body of ``POST /api/v1/runs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any] = Field(
+        description="a RunConfig for a queued run; any JSON object for an external one"
+    )
+    external: bool = Field(
+        False, description="logged to by its own client over REST instead of the cluster"
+    )
+    name: str = Field("run", min_length=1, max_length=200, description="of a queued run's sweep")
+
+
+class RunFinish(BaseModel):
+    """The body of ``POST /api/v1/runs/{id}/finish``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["succeeded", "diverged", "failed", "cancelled"]
+    error: str | None = Field(None, max_length=10_000)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+
+_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _number(value: Any) -> float:
+    """A JSON number or one of the three strings (and never a boolean)."""
+    kind = type(value)
+    if kind is float:
+        return float(value)
+    if kind is int:
+        return float(value)
+    if kind is str and value in _SPECIAL:
+        return _SPECIAL[value]
+    raise ValueError('a number, "NaN", "Infinity" or "-Infinity"')
+
+
+# A validator (not a union) so that a bad value is one error, not one per union member.
+JsonNumber = Annotated[float, BeforeValidator(_number)]
+
+
+class PointIn(TypedDict):
+    """One metric point; a non-finite value is "NaN", "Infinity" or "-Infinity".
+
+    A TypedDict, not a model: a 1,000-point batch validates in about half a millisecond.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+
+    metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
+    step: Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]
+    value: JsonNumber
+
+
+class MetricBatchIn(BaseModel):
+    """The body of ``POST /api/v1/runs/{id}/metrics``: many metrics and steps per call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[PointIn] = Field(min_length=1)
+
+    def as_points(self) -> list[Point]:
+        """The points as tuples; SpecError at the first point of each malformed name."""
+        names = {p["metric"] for p in self.points}
+        bad = {name for name in names if not NAME_PATTERN.match(name)}
+        if bad:
+            first: dict[str, int] = {}
+            for i, p in enumerate(self.points):
+                if p["metric"] in bad:
+                    first.setdefault(p["metric"], i)
+            reason = "not a metric name: [A-Za-z0-9_.-/], 1 to 128 characters"
+            raise SpecError(
+                [FieldError(f"points[{i}].metric", name, reason) for name, i in first.items()]
+            )
+        return [(p["metric"], p["step"], p["value"]) for p in self.points]
+
+
+def _json_size(field: str, value: Any, settings: Settings) -> list[FieldError]:
+    size = len(json.dumps(_finite(value)).encode())
+    if size <= settings.max_config_bytes:
+        return []
+    return [
+        FieldError(
+            field,
+            f"{size} bytes",
+            f"exceeds the cap {settings.max_config_bytes} bytes "
+            "(raise it with OVERPARAM_MAX_CONFIG_BYTES)",
+        )
+    ]
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with non-finite floats as "NaN"/"Infinity"/"-Infinity" (JSONB refuses NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
+
+
+def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> Run:
+    """An external run (``running`` at once), or a queued one (a sweep of one run)."""
+    if not body.external:
+        try:
+            sweep = create_sweep(
+                db_session=db_session,
+                spec=SweepSpec(name=body.name, base=body.config),
+                settings=settings,
+            )
+        except SpecError as exc:  # the sweep calls the config "base"
+            raise SpecError(
+                [
+                    FieldError(e.field.replace("base", "config", 1), e.value, e.reason)
+                    for e in exc.errors
+                ]
+            ) from exc
+        return db_session.scalars(select(Run).where(Run.sweep_id == sweep.id)).one()
+    errors = _json_size("config", body.config, settings)
+    if errors:
+        raise SpecError(errors)
+    now = utcnow()
+    config = _finite(body.config)
+    run = Run(
+        sweep_id=None,
+        index=0,
+        config=config,
+        overrides={},
+        status="running",
+        attempt=1,
+        summary={},
+        manifest=base_manifest() | {"config": config},
+        cancel_requested=False,
+        external=True,
+        started_at=now,
+        heartbeat_at=now,
+    )
+    db_session.add(run)
+    db_session.flush()
+    return run
+
+
+def _check_writable(run_id: int, found: Any) -> None:
+    """``found``: the run's (external, status), or None."""
+    if found is None:
+        raise NotFound(f"run {run_id} does not exist")
+    external, status = found
+    if not external:
+        raise Conflict(
+            f"run {run_id} is trained on the cluster: only the dispatcher writes its metrics"
+        )
+    if status in FINAL_STATUSES:
+        raise Conflict(f"run {run_id} is already {status}: it takes no more metrics")
+
+
+def log_points(*, db_session: Session, run_id: int, points: Sequence[Point]) -> int:
+    """Store a batch of an external, running run; returns how many points were new."""
+    state = select(Run.external, Run.status).where(Run.id == run_id)
+    # FOR SHARE on PostgreSQL (SQLite ignores it): a concurrent finish waits for this batch.
+    _check_writable(run_id, db_session.execute(state.with_for_update(read=True)).one_or_none())
+    stored = write_points(db_session=db_session, run_id=run_id, points=points)
+    if db_session.get_bind().dialect.name == "sqlite":
+        # The batch's INSERT took SQLite's write lock: a finish committed before it is visible
+        # now, and none can commit until this transaction ends.
+        _check_writable(run_id, db_session.execute(state).one_or_none())
+    return stored
+
+
+def finish_run(*, db_session: Session, run_id: int, body: RunFinish, settings: Settings) -> Run:
+    """Set an external run's final state (once); its summary and error are the client's."""
+    run = get_run(db_session=db_session, run_id=run_id)
+    if not run.external:
+        raise Conflict(f"run {run_id} is trained on the cluster: the dispatcher finishes it")
+    if run.status in FINAL_STATUSES:
+        raise Conflict(f"run {run_id} is already {run.status}")
+    errors = _json_size("summary", body.summary, settings)
+    if errors:
+        raise SpecError(errors)
+    finished = transition(
+        db_session=db_session,
+        run_id=run_id,
+        expected="running",
+        new=body.status,
+        error=body.error,
+        summary=_finite(body.summary),
+        heartbeat_at=utcnow(),
+    )
+    if not finished:  # another finish won the race
+        db_session.refresh(run)
+        raise Conflict(f"run {run_id} is already {run.status}")
+    db_session.flush()
+    db_session.refresh(run)
+    return get_run(db_session=db_session, run_id=run_id)

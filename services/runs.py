@@ -1,0 +1,147 @@
+"""Run lifecycle: queries, guarded state transitions, claiming and cancellation.
+
+``queued → running → succeeded | diverged | failed | cancelled``. Every transition is one
+guarded UPDATE (``WHERE status = :expected``), so two processes racing on a run cannot both win.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from services.errors import Conflict, NotFound
+from services.models import FINAL_STATUSES, Run, Sweep, utcnow
+
+
+def get_sweep(*, db_session: Session, sweep_id: int) -> Sweep:
+    sweep = db_session.get(Sweep, sweep_id)
+    if sweep is None:
+        raise NotFound(f"sweep {sweep_id} does not exist")
+    return sweep
+
+
+def list_sweeps(*, db_session: Session, limit: int, offset: int) -> tuple[Sequence[Sweep], int]:
+    total = db_session.scalar(select(func.count()).select_from(Sweep)) or 0
+    rows = db_session.scalars(select(Sweep).order_by(Sweep.id.desc()).limit(limit).offset(offset))
+    return rows.all(), total
+
+
+def status_counts(*, db_session: Session, sweep_id: int) -> dict[str, int]:
+    rows = db_session.execute(
+        select(Run.status, func.count()).where(Run.sweep_id == sweep_id).group_by(Run.status)
+    )
+    return {status: count for status, count in rows}
+
+
+def get_run(*, db_session: Session, run_id: int) -> Run:
+    run = db_session.get(Run, run_id)
+    if run is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return run
+
+
+def list_runs(
+    *,
+    db_session: Session,
+    sweep_id: int | None = None,
+    status: str | None = None,
+    limit: int,
+    offset: int,
+) -> tuple[Sequence[Run], int]:
+    query = select(Run)
+    if sweep_id is not None:
+        query = query.where(Run.sweep_id == sweep_id)
+    if status is not None:
+        query = query.where(Run.status == status)
+    total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = db_session.scalars(query.order_by(Run.id).limit(limit).offset(offset))
+    return rows.all(), total
+
+
+def transition(*, db_session: Session, run_id: int, expected: str, new: str, **fields: Any) -> bool:
+    """Move ``run_id`` from ``expected`` to ``new`` (and set ``fields``); False if not there."""
+    values = {"status": new, **fields}
+    if new in FINAL_STATUSES:
+        values.setdefault("finished_at", utcnow())
+    result = db_session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == expected)
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def queued_runs(*, db_session: Session, limit: int) -> list[Run]:
+    """The oldest ``limit`` queued runs (the dispatcher picks those that fit)."""
+    query = select(Run).where(Run.status == "queued").order_by(Run.id).limit(limit)
+    return list(db_session.scalars(query))
+
+
+def claim_runs(*, db_session: Session, run_ids: Sequence[int]) -> list[Run]:
+    """Mark the given queued runs ``running`` (attempt + 1); returns those that were claimed.
+
+    The guarded UPDATE makes a race safe: of two dispatchers claiming one run, one wins.
+    """
+    now = utcnow()
+    claimed = [
+        run_id
+        for run_id in run_ids
+        if transition(
+            db_session=db_session,
+            run_id=run_id,
+            expected="queued",
+            new="running",
+            attempt=Run.attempt + 1,
+            started_at=now,
+            heartbeat_at=now,
+            cancel_requested=False,
+        )
+    ]
+    # populate_existing: the caller may hold these rows from before the UPDATE (identity map).
+    query = select(Run).where(Run.id.in_(claimed)).order_by(Run.id)
+    return list(db_session.scalars(query.execution_options(populate_existing=True)))
+
+
+def claim_queued_runs(*, db_session: Session, limit: int) -> list[Run]:
+    """Claim up to ``limit`` queued runs, oldest first (PostgreSQL: SKIP LOCKED candidates)."""
+    if limit <= 0:
+        return []
+    query = select(Run.id).where(Run.status == "queued").order_by(Run.id).limit(limit)
+    if db_session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return claim_runs(db_session=db_session, run_ids=list(db_session.scalars(query)))
+
+
+def request_cancel(*, db_session: Session, run_id: int) -> Run:
+    """Cancel a queued run at once; flag a running one for the dispatcher to stop."""
+    run = get_run(db_session=db_session, run_id=run_id)
+    if run.status in FINAL_STATUSES:
+        raise Conflict(f"run {run_id} is already {run.status}")
+    if not transition(
+        db_session=db_session,
+        run_id=run_id,
+        expected="queued",
+        new="cancelled",
+        error="cancelled before it started",
+    ):
+        db_session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.status == "running")
+            .values(cancel_requested=True)
+        )
+    db_session.flush()
+    db_session.refresh(run)
+    return run
+
+
+def cancel_requested_ids(*, db_session: Session, run_ids: Sequence[int]) -> set[int]:
+    if not run_ids:
+        return set()
+    rows = db_session.scalars(
+        select(Run.id).where(Run.id.in_(run_ids), Run.cancel_requested.is_(True))
+    )
+    return set(rows)

@@ -1,0 +1,224 @@
+"""Sweep specs: validation against the run contract and the caps, and expansion into runs.
+
+A spec is ``base`` (a partial :class:`worker.config.RunConfig`) plus ``grid`` (dotted field
+path → list of values, expanded as a cartesian product) plus optional ``runs`` (a list of
+explicit override sets, each combined with every grid point). Errors name the field where the
+user wrote the bad value: ``grid.width[2]``, ``runs[0].lr`` or ``base.data.n``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.orm import Session
+
+from services.cluster import cluster_nodes
+from services.errors import FieldError, SpecError
+from services.manifest import base_manifest
+from services.models import Run, Sweep
+from services.resources import ResourceSpec, resolve, why_it_cannot_fit
+from services.settings import Settings
+from worker.config import RunConfig
+
+
+class SweepSpec(BaseModel):
+    """The body of ``POST /api/v1/sweeps`` and the content of a sweep YAML file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("sweep", min_length=1, max_length=200)
+    base: dict[str, Any] = Field(default_factory=dict, description="partial run config")
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="dotted field path -> values (cartesian product)"
+    )
+    runs: list[dict[str, Any]] = Field(
+        default_factory=list, description="explicit override sets, each crossed with the grid"
+    )
+    resources: ResourceSpec = Field(
+        default_factory=ResourceSpec,
+        description="per-run CPUs, GPUs (fractions share a GPU) and memory; unset: estimated",
+    )
+
+
+@dataclass(frozen=True)
+class ExpandedRun:
+    config: RunConfig
+    overrides: dict[str, Any]
+
+
+def _field_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
+    paths = set()
+    for name, info in model.model_fields.items():
+        path = f"{prefix}{name}"
+        paths.add(path)
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths |= _field_paths(annotation, f"{path}.")
+    return paths
+
+
+RUN_FIELDS = frozenset(_field_paths(RunConfig))
+
+
+def _set_path(target: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        node = target.get(key)
+        if not isinstance(node, dict):
+            node = target[key] = {}
+        target = node
+    target[leaf] = value
+
+
+def _flatten(overrides: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"n": 3}} -> {"data.n": 3}; dotted keys pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and f"{prefix}{key}" in RUN_FIELDS:
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if not isinstance(part, int))
+
+
+def _check_keys(spec: SweepSpec) -> list[FieldError]:
+    errors = []
+    for key, values in spec.grid.items():
+        if key not in RUN_FIELDS:
+            errors.append(FieldError(f"grid.{key}", key, "unknown run config field"))
+        if not values:
+            errors.append(FieldError(f"grid.{key}", values, "needs at least one value"))
+    for i, override in enumerate(spec.runs):
+        for key in _flatten(override):
+            if key not in RUN_FIELDS:
+                errors.append(FieldError(f"runs[{i}].{key}", key, "unknown run config field"))
+    return errors
+
+
+def count_runs(spec: SweepSpec) -> int:
+    return math.prod(len(v) for v in spec.grid.values()) * max(1, len(spec.runs))
+
+
+def _caps(cfg: RunConfig, settings: Settings) -> list[tuple[str, Any, str]]:
+    """(field, value, reason) for each cap the config exceeds."""
+    caps = [
+        ("width", cfg.width, settings.max_width, "OVERPARAM_MAX_WIDTH"),
+        ("depth", cfg.depth, settings.max_depth, "OVERPARAM_MAX_DEPTH"),
+        ("data.n", cfg.data.n, settings.max_n, "OVERPARAM_MAX_N"),
+        ("steps", cfg.steps, settings.max_steps, "OVERPARAM_MAX_STEPS"),
+    ]
+    out = [
+        (field, value, f"exceeds the cap {cap} (raise it with {env})")
+        for field, value, cap, env in caps
+        if value > cap
+    ]
+    params = cfg.parameter_count()
+    if params > settings.max_parameters:
+        out.append(
+            (
+                "width",
+                cfg.width,
+                f"gives {params} trainable parameters, over the cap {settings.max_parameters} "
+                "(raise it with OVERPARAM_MAX_PARAMETERS)",
+            )
+        )
+    return out
+
+
+def _where(path: str, grid_index: dict[str, int], explicit: dict[str, Any], j: int) -> str:
+    """The place in the spec where the user wrote the value of run-config field ``path``."""
+    if path in explicit:
+        return f"runs[{j}].{path}"
+    if path in grid_index:
+        return f"grid.{path}[{grid_index[path]}]"
+    return f"base.{path}" if path else "base"
+
+
+def expand(spec: SweepSpec, settings: Settings) -> list[ExpandedRun]:
+    """Validate ``spec`` and expand it into run configs, or raise SpecError naming bad fields."""
+    errors = _check_keys(spec)
+    total = count_runs(spec)
+    if total > settings.max_runs_per_sweep:
+        errors.append(
+            FieldError(
+                "grid",
+                total,
+                f"expands to {total} runs, over the cap {settings.max_runs_per_sweep} "
+                "(raise it with OVERPARAM_MAX_RUNS_PER_SWEEP)",
+            )
+        )
+    if errors:
+        raise SpecError(errors)
+
+    grid_keys = list(spec.grid)
+    seen: dict[str, FieldError] = {}
+    runs: list[ExpandedRun] = []
+    for combo in itertools.product(*(range(len(spec.grid[k])) for k in grid_keys)):
+        grid_index = dict(zip(grid_keys, combo, strict=True))
+        grid_values = {k: spec.grid[k][i] for k, i in grid_index.items()}
+        for j, explicit in enumerate(spec.runs or [{}]):
+            flat_explicit = _flatten(explicit)
+            overrides = grid_values | flat_explicit
+            merged = copy.deepcopy(spec.base)
+            for path, value in overrides.items():
+                _set_path(merged, path, value)
+            problems: list[tuple[str, Any, str]] = []
+            try:
+                cfg = RunConfig.model_validate(merged)
+            except ValidationError as exc:
+                problems = [(_loc_path(e["loc"]), e.get("input"), e["msg"]) for e in exc.errors()]
+            else:
+                problems = _caps(cfg, settings)
+                runs.append(ExpandedRun(config=cfg, overrides=overrides))
+            for path, value, reason in problems:
+                field = _where(path, grid_index, flat_explicit, j)
+                seen.setdefault(field, FieldError(field, value, reason))
+    if seen:
+        raise SpecError(list(seen.values()))
+    return runs
+
+
+def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> Sweep:
+    """Store the sweep and all its runs (``queued``) in the caller's transaction."""
+    expanded = expand(spec, settings)
+    requests = [resolve(spec.resources, item.config, settings) for item in expanded]
+    nodes = cluster_nodes(db_session=db_session)
+    for item, request in zip(expanded, requests, strict=True):
+        reason = why_it_cannot_fit(request, nodes)
+        if reason:
+            overrides = " ".join(f"{k}={v}" for k, v in item.overrides.items()) or "base"
+            raise SpecError(
+                [FieldError("resources", request.as_dict(), f"the run {overrides} {reason}")]
+            )
+    sweep = Sweep(name=spec.name, spec=spec.model_dump(), run_count=len(expanded))
+    db_session.add(sweep)
+    db_session.flush()
+    manifest = base_manifest()
+    for index, (item, request) in enumerate(zip(expanded, requests, strict=True)):
+        config = item.config.model_dump(mode="json")
+        db_session.add(
+            Run(
+                sweep_id=sweep.id,
+                index=index,
+                config=config,
+                overrides=item.overrides,
+                status="queued",
+                attempt=0,
+                summary={},
+                manifest=manifest
+                | {"config": config, "seed": item.config.seed, "data_seed": item.config.data_seed},
+                cancel_requested=False,
+                resources=request.as_dict(),
+            )
+        )
+    db_session.flush()
+    return sweep

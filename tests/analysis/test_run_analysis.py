@@ -1,0 +1,153 @@
+"""``analyze_run`` on hand-made histories whose answers are known in closed form."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from services.analysis import (
+    DUPLICATE_PAIRS,
+    LAMBDA0,
+    LAYER_METRICS,
+    LOSS_FLOOR,
+    RUN_LR,
+    analyze_run,
+    late_phase,
+)
+from worker.metrics import GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS
+
+CONFIG: dict[str, Any] = {
+    "arch": "two_layer",
+    "activation": "relu",
+    "width": 512,
+    "data": {"n": 16},
+    "lr": 0.5,
+    "loss": "mse",
+    "optimizer": "gd",
+    "loss_threshold": 0.0,
+}
+
+
+def geometric(initial: float, factor: float, steps: int) -> list[tuple[int, float]]:
+    return [(k, initial * factor**k) for k in range(steps + 1)]
+
+
+def history(lam0: float = 0.1, steps: int = 200) -> dict[str, list[tuple[int, Any]]]:
+    eta = CONFIG["lr"]
+    return {
+        LOSS: geometric(10.0, (1 - eta * lam0) ** 2, steps),
+        LAMBDA_MIN: [(k, lam0 * (1 - 0.2 * k / steps)) for k in range(0, steps + 1, 10)],
+        LAMBDA_MAX: [(k, 1.5) for k in range(0, steps + 1, 10)],
+        LAMBDA0: [(0, 0.09)],
+    }
+
+
+def test_geometric_loss_gives_the_theory_rate_and_respects_du_bound() -> None:
+    result = analyze_run(history(), CONFIG)
+    conv = result["convergence"]
+    expected = 2 * math.log(1 - 0.5 * 0.1)
+    assert conv["fitted_rate"] == pytest.approx(expected, rel=1e-9)
+    assert conv["theory_rate"] == pytest.approx(expected, rel=1e-12)
+    assert conv["rate_ratio"] == pytest.approx(1.0)
+    assert conv["fit"]["r2"] == pytest.approx(1.0) and conv["fit"]["n_points"] == 101
+    assert conv["fit_steps"] == [100, 200]
+    assert conv["du_factor"] == pytest.approx(1 - 0.5 * 0.09 / 2)
+    assert conv["du_rate_bound"] == pytest.approx(math.log(1 - 0.5 * 0.09 / 2))
+    assert conv["within_du_bound"] is True
+    late = [0.1 * (1 - 0.2 * k / 200) for k in range(100, 201, 10)]
+    assert conv["late_lambda_min"] == pytest.approx(sum(late) / len(late))
+    assert result["initial_loss"] == 10.0 and result["steps_done"] == 200
+
+
+def test_the_rate_fit_stops_where_the_loss_meets_the_float_floor() -> None:
+    points = history(steps=300)  # 10·0.9025^k meets 10⁻¹² · L(0) near k = 269
+    floor_step = next(k for k, v in points[LOSS] if v <= 10.0 * LOSS_FLOOR)
+    points[LOSS] = [(k, v if k < floor_step else 1e-30 * (1 + k % 3)) for k, v in points[LOSS]]
+    points[LOSS] += [(k, 2e-30) for k in range(301, 2000)]
+    steps, _ = late_phase(points[LOSS])
+    assert steps[-1] == floor_step - 1 and steps[0] == pytest.approx((floor_step - 1) / 2, abs=1)
+    result = analyze_run(points, CONFIG)
+    assert result["convergence"]["rate_ratio"] == pytest.approx(1.0)
+
+
+def test_steps_to_threshold_from_the_config_the_request_or_relative() -> None:
+    points = history()
+    factor = (1 - 0.05) ** 2
+    first_below = lambda t: math.ceil(math.log(t / 10.0) / math.log(factor))  # noqa: E731
+    relative = analyze_run(points, CONFIG)["threshold"]
+    assert relative["source"] == "relative" and relative["loss_threshold"] == pytest.approx(1e-2)
+    assert relative["steps_to_threshold"] == first_below(1e-2) and relative["reached"]
+    configured = analyze_run(points, CONFIG | {"loss_threshold": 0.5})["threshold"]
+    assert configured["source"] == "config" and configured["steps_to_threshold"] == first_below(0.5)
+    never = analyze_run(points, CONFIG, loss_threshold=1e-40)["threshold"]
+    assert never == {
+        "loss_threshold": 1e-40,
+        "source": "request",
+        "steps_to_threshold": None,
+        "reached": False,
+    }
+
+
+def test_lambda_min_stability() -> None:
+    spectrum = analyze_run(history(), CONFIG)["spectrum"]
+    assert spectrum["lambda_min_initial"] == pytest.approx(0.1)
+    assert spectrum["lambda_min_min_ratio"] == pytest.approx(0.8)
+    assert spectrum["eta_lambda0"] == pytest.approx(0.045)
+    assert spectrum["stays_above_half_lambda0"] is True
+    points = history()
+    points[LAMBDA_MIN].append((210, 0.04))  # below λ₀/2 = 0.045
+    assert analyze_run(points, CONFIG)["spectrum"]["stays_above_half_lambda0"] is False
+
+
+def test_deep_nets_hold_du_last_layer_gram_against_lambda0() -> None:
+    points = history() | {GRAM_H_MIN: [(0, 0.06), (100, 0.04)]}  # the NTK stays ≥ 0.08
+    deep = CONFIG | {"arch": "fc", "depth": 2, "activation": "softplus"}
+    result = analyze_run(points, deep)
+    assert result["spectrum"]["gram_H_lambda_min_min"] == 0.04
+    assert result["spectrum"]["stays_above_half_lambda0"] is False
+    checks = {c["name"]: c for c in result["regime"]["checks"]}
+    assert checks["lambda_min_stays"]["ok"] is False and checks["lambda_min_stays"]["value"] == 0.04
+
+
+def test_final_movement_per_layer_in_the_workers_order() -> None:
+    points = history()
+    for layer in ("layer10", "out", "layer2", "layer1"):
+        for key, prefix in LAYER_METRICS.items():
+            points[prefix + layer] = [(0, 0.0), (100, 1.0), (200, float(len(key)))]
+    movement = analyze_run(points, CONFIG)["movement"]
+    assert list(movement["layers"]) == ["layer1", "layer2", "layer10", "out"]
+    assert movement["layers"]["out"]["pattern_flips"] == len("pattern_flips")
+
+
+def test_regime_checks() -> None:
+    ok = analyze_run(history(), CONFIG)["regime"]
+    assert ok["in_regime"] is True
+    names = {c["name"]: c for c in ok["checks"]}
+    assert names["width_vs_n"]["value"] == 32 and names["step_size_stable"]["value"] == 0.75
+    deep = CONFIG | {"arch": "fc", "depth": 3, "width": 8, "lr": 2.0}
+    points = history() | {DUPLICATE_PAIRS: [(0, 1.0)]}
+    checks = {c["name"]: c["ok"] for c in analyze_run(points, deep)["regime"]["checks"]}
+    assert checks["activation"] is False and checks["width_vs_n"] is False
+    assert checks["step_size_stable"] is False and checks["distinct_inputs"] is False
+    smooth = analyze_run(history(), CONFIG | {"arch": "resnet", "activation": "softplus"})
+    assert {c["name"]: c["ok"] for c in smooth["regime"]["checks"]}["activation"] is True
+
+
+def test_lr_auto_reads_the_reported_step_size() -> None:
+    points = history() | {RUN_LR: [(0, 0.5)]}
+    result = analyze_run(points, CONFIG | {"lr": "auto"})
+    assert result["spectrum"]["eta"] == 0.5
+    assert result["convergence"]["rate_ratio"] == pytest.approx(1.0)
+
+
+def test_any_history_and_config_give_strict_json() -> None:
+    for points, config in [
+        ({}, {}),
+        ({LOSS: [(0, None), (1, math.inf)]}, {"lr": "auto", "data": "not a mapping"}),
+        ({LOSS: [(0, 1.0), (1, 0.0)], LAMBDA_MIN: [(0, 0.0)]}, {"arch": "fc"}),
+        ({LOSS: [(0, -1.0), (1, math.nan)]}, CONFIG),
+    ]:
+        json.dumps(analyze_run(points, config), allow_nan=False)

@@ -1,0 +1,135 @@
+"""``overparam watch``: the progress bars fold stream events correctly, and the command shows
+live progress in a pseudo-terminal while a synthetic sweep's points are being written."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+import re
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from rich.console import Console
+
+from api.main import create_app
+from client import watch
+from client.client import ServerEvent
+from services.migrate import upgrade
+from tests.analysis.synthetic import SPEC, Store, create_sweep, live_server, run_points
+from tests.conftest import make_settings
+from worker import metrics
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+OVERPARAM = Path(sys.executable).with_name("overparam")
+
+
+def test_the_streamed_names_are_the_workers() -> None:
+    assert (watch.LOSS, watch.LAMBDA_MIN) == (metrics.LOSS, metrics.LAMBDA_MIN)
+
+
+def render(progress: watch.Progress) -> str:
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(progress.make_tasks_table(progress.tasks))
+    return console.export_text()
+
+
+def test_events_move_the_bars() -> None:
+    progress = watch.make_progress(Console(file=io.StringIO()))
+    runs = [
+        {"id": 1, "status": "running", "overrides": {"width": 64}, "config": {"steps": 200}},
+        {"id": 2, "status": "queued", "overrides": {"width": 256}, "config": {"steps": 200}},
+    ]
+    bars = watch.SweepWatch(runs, progress)
+    points = [{"metric": "loss", "step": k, "value": 2.0**-k} for k in range(0, 151, 50)] + [
+        {"metric": "ntk_lambda_min", "step": 150, "value": 0.0625}
+    ]
+    assert not bars.apply(ServerEvent("metrics", {"run_id": 1, "points": points}, "150"))
+    text = render(progress)
+    assert "run 1 width=64" in text and "150/200" in text
+    assert "7.006e-46" in text and "0.0625" in text and "running" in text
+    assert not bars.apply(ServerEvent("status", {"run_id": 2, "status": "running"}, None))
+    nan = [{"metric": "loss", "step": 3, "value": "NaN"}]
+    assert not bars.apply(ServerEvent("metrics", {"run_id": 2, "points": nan}, "3"))
+    assert not bars.apply(ServerEvent("status", {"run_id": 2, "status": "diverged"}, None))
+    assert not bars.apply(ServerEvent("status", {"run_id": 1, "status": "succeeded"}, None))
+    text = render(progress)
+    assert "150/150" in text, "a run stopped early by its threshold is complete"
+    assert "3/200" in text and "nan" in text and "diverged" in text
+    assert bars.apply(ServerEvent("end", {"sweep_id": 1, "status_counts": {}}, None))
+    assert bars.status_counts() == {"succeeded": 1, "diverged": 1}
+
+
+@pytest.fixture
+def service(tmp_path: Path) -> Iterator[tuple[str, TestClient, Store]]:
+    url = f"sqlite:///{tmp_path / 'watch.db'}"
+    upgrade(url)
+    app = create_app(make_settings(url, stream_poll_s=0.05))
+    store = Store(url)
+    with live_server(app) as base, TestClient(app) as api:
+        yield base, api, store
+    store.close()
+
+
+class Terminal:
+    """A command on a pseudo-terminal; ``expect`` reads until a text shows up (ANSI removed)."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = pty.openpty()
+        env = os.environ | {"COLUMNS": "160", "LINES": "40", "TERM": "xterm-256color"}
+        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env)
+        os.close(slave)
+        self.master = master
+        self.text = ""
+
+    def expect(self, needle: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout  # bounds a hang; never decides a pass
+        while needle not in self.text:
+            assert time.monotonic() < deadline, f"never saw {needle!r} in:\n{self.text[-3000:]}"
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536).decode(errors="replace")
+                except OSError:  # the command exited and the terminal closed
+                    chunk = ""
+                self.text += ANSI.sub("", chunk)
+                if not chunk and self.process.poll() is not None:
+                    assert needle in self.text, f"exited without {needle!r}:\n{self.text[-3000:]}"
+
+    def close(self) -> int:
+        code = self.process.wait(timeout=30)
+        os.close(self.master)
+        return code
+
+
+def test_watch_shows_live_progress_in_a_terminal(service: tuple[str, TestClient, Store]) -> None:
+    base, api, store = service
+    spec = SPEC | {"grid": {"width": [64, 256], "seed": [0]}}
+    sweep_id, (first, second) = create_sweep(api, spec)
+    store.move(first["id"], "queued", "running")
+    store.write(first["id"], run_points(64, 0, upto=60))
+    terminal = Terminal(str(OVERPARAM), "watch", str(sweep_id), "--url", base)
+    try:
+        terminal.expect("60/200")
+        terminal.expect("running")
+        store.write(first["id"], run_points(64, 0, upto=140, start=61))
+        terminal.expect("140/200")
+        store.move(second["id"], "queued", "running")
+        store.write(second["id"], run_points(256, 0, upto=30))
+        terminal.expect("30/200")
+        store.write(first["id"], run_points(64, 0, upto=200, start=141))
+        store.write(second["id"], run_points(256, 0, upto=200, start=31))
+        store.move(first["id"], "running", "succeeded")
+        store.move(second["id"], "running", "succeeded")
+        terminal.expect("2 succeeded")
+    finally:
+        code = terminal.close()
+    assert code == 0, terminal.text[-3000:]
+    final = terminal.text[terminal.text.rindex(f"run {first['id']} width=64") :]
+    assert "200/200" in final and "succeeded" in final

@@ -1,0 +1,95 @@
+"""Data sets: the sphere, teacher labels, digits, uploads, label noise, parallel inputs."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from worker.config import DIGITS_CLASS_COUNTS, DataConfig, RunConfig
+from worker.data import find_parallel_inputs, make_dataset
+
+
+def test_sphere_inputs_have_unit_norm_and_the_seed_fixes_the_draw() -> None:
+    cfg = RunConfig(data=DataConfig(n=30, d=7))
+    data = make_dataset(cfg)
+    torch.testing.assert_close(data.X.norm(dim=1), torch.ones(30, dtype=torch.float64))
+    assert data.checksum == make_dataset(cfg).checksum
+    assert data.checksum != make_dataset(cfg.model_copy(update={"seed": 1})).checksum
+    assert data.label_kind == "real"
+
+
+def test_sign_and_teacher_labels() -> None:
+    sign = make_dataset(RunConfig(data=DataConfig(labels="sign")))
+    assert set(sign.y.tolist()) == {-1.0, 1.0} and sign.label_kind == "binary"
+    teacher = make_dataset(RunConfig(data=DataConfig(n=400, labels="teacher")))
+    assert teacher.label_kind == "real"
+    assert 0.3 < float(teacher.y.pow(2).mean()) < 3  # f* keeps unit scale on the sphere
+    classes = make_dataset(
+        RunConfig(loss="cross_entropy", data=DataConfig(n=400, labels="teacher"))
+    )
+    assert classes.label_kind == "classes"
+    assert (classes.y == (teacher.y > 0).double()).all()
+
+
+def test_digits_class_counts_match_scikit_learn() -> None:
+    from sklearn.datasets import load_digits
+
+    assert tuple(np.bincount(load_digits().target)) == DIGITS_CLASS_COUNTS
+
+
+def test_digits_pairs_regress_on_signs_and_all_classes_classify() -> None:
+    pair = make_dataset(RunConfig(data=DataConfig(kind="digits", n=100, classes=(3, 8))))
+    assert pair.X.shape == (100, 64) and pair.label_kind == "binary"
+    assert set(pair.y.tolist()) == {-1.0, 1.0}
+    torch.testing.assert_close(pair.X.norm(dim=1), torch.ones(100, dtype=torch.float64))
+    every = make_dataset(RunConfig(loss="cross_entropy", data=DataConfig(kind="digits", n=1797)))
+    assert every.label_kind == "classes"
+    assert sorted(set(every.y.long().tolist())) == list(range(10))
+    assert every.duplicates.parallel_pairs >= 0
+
+
+def test_label_noise_replaces_the_requested_fraction() -> None:
+    clean = make_dataset(RunConfig(data=DataConfig(n=1000, labels="sign")))
+    noisy = make_dataset(RunConfig(data=DataConfig(n=1000, labels="sign", label_noise=0.4)))
+    torch.testing.assert_close(clean.X, noisy.X)
+    changed = float((clean.y != noisy.y).double().mean())
+    assert 0.12 < changed < 0.28  # 40% redrawn, half of them keep their sign
+
+
+def test_uploaded_arrays_are_checked_normalized_and_typed() -> None:
+    cfg = RunConfig(data=DataConfig(kind="dataset", dataset_id=1, n=3, d=2))
+    X = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 2.0]])
+    y = np.array([1.0, -1.0, 1.0])
+    data = make_dataset(cfg, (X, y))
+    torch.testing.assert_close(data.X[0], torch.tensor([0.6, 0.8], dtype=torch.float64))
+    assert data.label_kind == "binary"
+    expected = hashlib.sha256(X.astype("<f8").tobytes() + y.astype("<f8").tobytes()).hexdigest()
+    assert data.checksum == expected  # the upload's checksum: before normalization
+    assert make_dataset(cfg, (X, np.array([0.5, 2.0, 1.0]))).label_kind == "real"
+    with pytest.raises(ValueError, match="do not match"):
+        make_dataset(cfg, (X[:2], np.zeros(2)))
+    with pytest.raises(ValueError, match="exactly when"):
+        make_dataset(cfg)
+    with pytest.raises(ValueError, match="exactly when"):
+        make_dataset(RunConfig(), (X, np.zeros(3)))
+    classes = cfg.model_copy(
+        update={"loss": "cross_entropy", "data": cfg.data.model_copy(update={"num_classes": 3})}
+    )
+    assert make_dataset(classes, (X, np.array([0, 2, 1]))).label_kind == "classes"
+    with pytest.raises(ValueError, match="class indices"):
+        make_dataset(classes, (X, np.array([0, 3, 1])))
+    columns = cfg.model_copy(update={"data": cfg.data.model_copy(update={"label_dim": 2})})
+    assert make_dataset(columns, (X, np.ones((3, 2)))).y.shape == (3, 2)
+
+
+def test_parallel_and_duplicate_inputs_are_reported() -> None:
+    X = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    report = find_parallel_inputs(X)
+    assert report.duplicate_pairs == 1  # rows 0 and 1
+    assert report.parallel_pairs == 3  # and row 2 against both
+    assert report.max_abs_cosine == pytest.approx(1.0)
+    clean = make_dataset(RunConfig(data=DataConfig(n=50, d=10))).duplicates
+    assert clean.parallel_pairs == 0 and clean.max_abs_cosine < 1
