@@ -14,8 +14,7 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from services.models import DispatcherRecord
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.deploy.topology import Topology, marked
+from tests.deploy.topology import Topology, pg_topology
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -38,15 +37,8 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
-    url = create_pg_database()
-    fast = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
-    topo = Topology(url, workers=2, dispatchers=2, extra_env={"ray-head": fast})
-    try:
-        yield topo.start()
-    finally:
-        topo.close()
-        drop_pg_database(url)
-    assert not marked(f"{topo.id}/"), "every process of the topology is gone"
+    with pg_topology(workers=2, dispatchers=2) as topo:
+        yield topo
 
 
 def runs_of(api: httpx.Client, sweep_id: int) -> list[dict[str, Any]]:

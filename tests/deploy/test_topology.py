@@ -15,8 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import create_pg_database, drop_pg_database
-from tests.deploy.topology import BIN_DIR, Topology, cmdline, marked
+from tests.deploy.topology import BIN_DIR, Topology, cmdline, marked, pg_topology
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -30,16 +29,8 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def topology() -> Iterator[Topology]:
-    url = create_pg_database()
-    # The GCS notices a killed node after ~2 s instead of Ray's default ~15 s.
-    fast = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3"}
-    topo = Topology(url, workers=2, dispatchers=1, extra_env={"ray-head": fast})
-    try:
-        yield topo.start()
-    finally:
-        topo.close()
-        drop_pg_database(url)
-    assert not marked(f"{topo.id}/"), "every process of the topology is gone"
+    with pg_topology(workers=2, dispatchers=1) as topo:
+        yield topo
 
 
 @pytest.fixture(scope="module")
