@@ -49,3 +49,11 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def driver_connection(db_session: Session) -> Any:
+    """The DBAPI connection (psycopg or sqlite3) under the session's transaction, for the hot
+    paths where building SQLAlchemy statements and rows costs more than the query."""
+    raw = db_session.connection().connection.driver_connection
+    assert raw is not None
+    return raw

@@ -23,6 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
+from services.db import driver_connection
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.manifest import base_manifest
 from services.metrics import MAX_STEP, NAME_PATTERN, Point, write_points
@@ -195,8 +196,7 @@ def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
 
     ``lock``: FOR SHARE on PostgreSQL, so that a concurrent finish waits for this batch.
     """
-    raw = db_session.connection().connection.driver_connection
-    assert raw is not None
+    raw = driver_connection(db_session)
     if db_session.get_bind().dialect.name == "postgresql":
         sql = "SELECT external, status FROM run WHERE id = %s" + (" FOR SHARE" if lock else "")
     else:

@@ -27,6 +27,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from services.db import driver_connection
 from services.models import MetricName
 from services.rollups import Row, merge_rollups
 
@@ -147,8 +148,7 @@ def _insert_postgresql(
     """(points stored, the rows to merge into the rollups: exactly the new ones)."""
     import psycopg
 
-    raw = db_session.connection().connection.driver_connection
-    assert raw is not None
+    raw = driver_connection(db_session)
     with raw.cursor() as cur:
         # The savepoint (raw: the session need not know) keeps the transaction usable when
         # COPY meets a stored key.

@@ -22,6 +22,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from services.db import driver_connection
 from services.models import Metric, MetricRollup
 
 ROLLUP_LEVELS = 12
@@ -140,8 +141,7 @@ def merge_rollups(*, db_session: Session, run_id: int, rows: Sequence[Row]) -> N
         for (mid, level, bucket), summary in summaries:
             for column, value in zip(columns, (mid, level, bucket, *summary), strict=True):
                 column.append(value)
-        raw = db_session.connection().connection.driver_connection
-        assert raw is not None
+        raw = driver_connection(db_session)
         with raw.cursor() as cur:
             # Prepared: planning this statement costs more than running it on a batch.
             cur.execute(_UPSERT_POSTGRESQL, (run_id, *columns), prepare=True)
@@ -181,8 +181,7 @@ def series(
     sql += " ORDER BY step DESC" if descending else " ORDER BY step"
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
-    raw = db_session.connection().connection.driver_connection
-    assert raw is not None
+    raw = driver_connection(db_session)
     rows: list[Point] = raw.execute(sql, params).fetchall()
     return rows
 

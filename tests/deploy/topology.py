@@ -51,6 +51,7 @@ from typing import Any
 
 import httpx
 
+from tests.conftest import create_pg_database, drop_pg_database
 from tests.deploy.stack import SERVICES, Addresses
 
 MARKER = "OVP_TOPOLOGY"
@@ -540,8 +541,6 @@ FAST_NODE_DEATH = {"RAY_health_check_period_ms": "500", "RAY_health_check_failur
 @contextlib.contextmanager
 def pg_topology(workers: int, dispatchers: int) -> Iterator[Topology]:
     """A started topology on a fresh PostgreSQL database; afterwards every process is gone."""
-    from tests.conftest import create_pg_database, drop_pg_database
-
     url = create_pg_database()
     topo = Topology(
         url, workers=workers, dispatchers=dispatchers, extra_env={"ray-head": FAST_NODE_DEATH}
