@@ -25,6 +25,7 @@ from api.routes import (
 )
 from services.db import make_engine, make_sessionmaker
 from services.manifest import package_version
+from services.rollups import RollupMerger
 from services.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = make_engine(settings.database_url)
     app.state.sessions = make_sessionmaker(engine)
+    # Merges the rollups that metric batches posted here leave pending (PostgreSQL only).
+    app.state.rollups = RollupMerger(engine).start()
     stop = asyncio.Event()
     dispatcher_task = None
     owns_ray = False
@@ -56,6 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             from services import ray_cluster
 
             ray_cluster.disconnect()
+        await asyncio.to_thread(app.state.rollups.stop)
         engine.dispose()
 
 

@@ -31,6 +31,7 @@ from services.leadership import Leadership
 from services.metrics import json_number, metric_ids, write_points
 from services.models import DispatcherRecord, Metric, Run, utcnow
 from services.resources import ResourceRequest, ResourceSpec, resolve
+from services.rollups import RollupMerger
 from services.runs import cancel_requested_ids, claim_runs, queued_runs, transition
 from services.settings import Settings
 from worker.config import RunConfig
@@ -157,6 +158,8 @@ class Dispatcher:
         self.leading = False
         self._last_beat = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
+        # Merges the rollups its metric batches leave pending (PostgreSQL; a no-op on SQLite).
+        self.rollups = RollupMerger(session_factory.kw["bind"])
 
     # -- Ray -------------------------------------------------------------------------------
 
@@ -269,6 +272,8 @@ class Dispatcher:
                 progress.extra["stop_reason"] = event.reason
             run.summary = progress.as_summary()
             run.heartbeat_at = utcnow()
+        if isinstance(event, MetricBatch):
+            self.rollups.notify()
 
     def _finish(self, run_id: int, status: str, error: str | None) -> None:
         with session_scope(self.sessions) as db:
@@ -415,6 +420,13 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait to lead, dispatch until ``stop`` is set, then stop the runs and re-queue them."""
+        self.rollups.start()
+        try:
+            await self._run(stop)
+        finally:
+            await asyncio.to_thread(self.rollups.stop)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         waiting_logged = False
         while not stop.is_set() and not await asyncio.to_thread(self.leadership.try_acquire):
             if not waiting_logged:

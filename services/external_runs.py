@@ -2,7 +2,7 @@
 
 An external run (``external=True``) is created directly in ``running`` — the dispatcher claims
 only ``queued`` runs, so it never touches one — logged to in batches through the same
-ingestion function as the dispatcher's (:func:`services.metrics.write_points`) and finished by
+ingestion code as the dispatcher's (:func:`services.metrics.write_series`) and finished by
 its client. Its config is any JSON object (a script's hyper-parameters), size-capped. A
 non-external run is a one-run sweep, validated like any sweep.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -26,7 +25,7 @@ from typing_extensions import TypedDict
 from services.db import driver_connection
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.manifest import base_manifest
-from services.metrics import MAX_STEP, NAME_PATTERN, Point, write_points
+from services.metrics import MAX_STEP, NAME_PATTERN, Series, write_series
 from services.models import FINAL_STATUSES, Run, utcnow
 from services.runs import get_run, transition
 from services.settings import Settings
@@ -89,27 +88,84 @@ class PointIn(TypedDict):
     value: JsonNumber
 
 
-class MetricBatchIn(BaseModel):
-    """The body of ``POST /api/v1/runs/{id}/metrics``: many metrics and steps per call."""
+class SeriesIn(BaseModel):
+    """One metric's points as two parallel lists: the compact (and fastest) form of a batch."""
 
     model_config = ConfigDict(extra="forbid")
 
-    points: list[PointIn] = Field(min_length=1)
+    metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
+    steps: list[Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]] = Field(min_length=1)
+    values: list[JsonNumber] = Field(description="as many as steps; the i-th is at steps[i]")
 
-    def as_points(self) -> list[Point]:
-        """The points as tuples; SpecError at the first point of each malformed name."""
-        names = {p["metric"] for p in self.points}
-        bad = {name for name in names if not NAME_PATTERN.match(name)}
+
+_NAME_REASON = "not a metric name: [A-Za-z0-9_.-/], 1 to 128 characters"
+
+
+class MetricBatchIn(BaseModel):
+    """The body of ``POST /api/v1/runs/{id}/metrics``: many metrics and steps per call.
+
+    Either ``points`` (one object per point) or ``series`` (per metric, a list of steps and one
+    of values). Of a point repeated in a batch the first one counts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[PointIn] | None = Field(None, min_length=1)
+    series: list[SeriesIn] | None = Field(None, min_length=1)
+
+    def size(self) -> int:
+        """How many points the batch holds."""
+        if self.series is not None:
+            return sum(len(s.steps) for s in self.series)
+        return len(self.points or ())
+
+    def as_series(self) -> Series:
+        """metric name -> (steps, values); SpecError naming each malformed field."""
+        if (self.points is None) == (self.series is None):
+            field, given = ("series", "both") if self.points else ("points", "neither")
+            reason = "a batch has points or series (not both)"
+            raise SpecError([FieldError(field, f"{given} given", reason)])
+        if self.series is not None:
+            return self._columns(self.series)
+        return self._grouped(self.points or [])
+
+    @staticmethod
+    def _columns(series: list[SeriesIn]) -> Series:
+        errors = []
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        for i, part in enumerate(series):
+            if not NAME_PATTERN.match(part.metric):
+                errors.append(FieldError(f"series[{i}].metric", part.metric, _NAME_REASON))
+            if len(part.values) != len(part.steps):
+                reason = f"has {len(part.values)} values for {len(part.steps)} steps"
+                errors.append(FieldError(f"series[{i}].values", len(part.values), reason))
+            if part.metric in out:  # the same metric twice: one series, in order
+                out[part.metric][0].extend(part.steps)
+                out[part.metric][1].extend(part.values)
+            else:
+                out[part.metric] = (part.steps, part.values)
+        if errors:
+            raise SpecError(errors)
+        return out
+
+    @staticmethod
+    def _grouped(points: list[PointIn]) -> Series:
+        out: dict[str, tuple[list[int], list[float]]] = {}
+        bad: dict[str, int] = {}
+        for i, p in enumerate(points):
+            name = p["metric"]
+            if name not in out:
+                if not NAME_PATTERN.match(name):
+                    bad.setdefault(name, i)
+                out[name] = ([], [])
+            steps, values = out[name]
+            steps.append(p["step"])
+            values.append(p["value"])
         if bad:
-            first: dict[str, int] = {}
-            for i, p in enumerate(self.points):
-                if p["metric"] in bad:
-                    first.setdefault(p["metric"], i)
-            reason = "not a metric name: [A-Za-z0-9_.-/], 1 to 128 characters"
             raise SpecError(
-                [FieldError(f"points[{i}].metric", name, reason) for name, i in first.items()]
+                [FieldError(f"points[{i}].metric", name, _NAME_REASON) for name, i in bad.items()]
             )
-        return [(p["metric"], p["step"], p["value"]) for p in self.points]
+        return out
 
 
 def _json_size(field: str, value: Any, settings: Settings) -> list[FieldError]:
@@ -204,10 +260,10 @@ def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
     return raw.execute(sql, (run_id,)).fetchone()
 
 
-def log_points(*, db_session: Session, run_id: int, points: Sequence[Point]) -> int:
+def log_batch(*, db_session: Session, run_id: int, series: Series) -> int:
     """Store a batch of an external, running run; returns how many points were new."""
     _check_writable(run_id, _run_state(db_session, run_id, lock=True))
-    stored = write_points(db_session=db_session, run_id=run_id, points=points)
+    stored = write_series(db_session=db_session, run_id=run_id, series=series)
     if db_session.get_bind().dialect.name == "sqlite":
         # The batch's INSERT took SQLite's write lock: a finish committed before it is visible
         # now, and none can commit until this transaction ends.

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import math
 import re
-import struct
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
@@ -84,23 +86,96 @@ def from_db_value(value: float | None) -> float:
     return math.nan if value is None else value
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Points of one run as columns, sorted by (metric id, step), each key once.
+
+    NaN is NaN here (NULL once stored). The hot paths (COPY payload, rollups) work on whole
+    columns with numpy instead of a Python object per point.
+    """
+
+    metric_ids: npt.NDArray[np.int32]
+    steps: npt.NDArray[np.int64]
+    values: npt.NDArray[np.float64]
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @classmethod
+    def build(cls, parts: Iterable[tuple[int, Any, Any]]) -> Columns:
+        """From (metric id, steps, values) parts; of a repeated key the first point counts."""
+        mids, steps, values = [], [], []
+        for mid, part_steps, part_values in parts:
+            steps.append(np.asarray(part_steps, dtype=np.int64))
+            values.append(np.asarray(part_values, dtype=np.float64))
+            mids.append(np.full(len(steps[-1]), mid, dtype=np.int32))
+        if not steps:
+            return cls.empty()
+        all_mids, all_steps = np.concatenate(mids), np.concatenate(steps)
+        order = np.lexsort((all_steps, all_mids))  # stable: repeated keys keep their order
+        columns = cls(all_mids[order], all_steps[order], np.concatenate(values)[order])
+        m, s = columns.metric_ids, columns.steps
+        first = np.ones(len(s), dtype=bool)
+        first[1:] = (m[1:] != m[:-1]) | (s[1:] != s[:-1])
+        return columns if first.all() else columns.where(first)
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[Row]) -> Columns:
+        """From (metric id, step, stored value) rows sorted by key (None is NaN)."""
+        if not rows:
+            return cls.empty()
+        mids, steps, values = zip(*rows, strict=True)
+        return cls(
+            np.array(mids, dtype=np.int32),
+            np.array(steps, dtype=np.int64),
+            np.array([math.nan if v is None else v for v in values], dtype=np.float64),
+        )
+
+    @classmethod
+    def empty(cls) -> Columns:
+        return cls(np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.float64))
+
+    def rows(self) -> list[Row]:
+        """(metric id, step, stored value) tuples: NaN as None."""
+        values = [None if v != v else v for v in self.values.tolist()]
+        return list(zip(self.metric_ids.tolist(), self.steps.tolist(), values, strict=True))
+
+    def where(self, keep: npt.NDArray[np.bool_]) -> Columns:
+        return Columns(self.metric_ids[keep], self.steps[keep], self.values[keep])
+
+
+Series = Mapping[str, tuple[Any, Any]]  # metric name -> (steps, values), as sequences or arrays
+
+
 def write_points(*, db_session: Session, run_id: int, points: Sequence[Point]) -> int:
     """Store ``points`` of ``run_id`` in the caller's transaction; returns how many were new.
 
     Points already stored (or repeated within ``points``: the first one counts) are ignored.
     The caller has checked that the run exists and may be written to.
     """
-    if not points:
+    grouped: dict[str, tuple[list[int], list[float]]] = {}
+    for name, step, value in points:
+        if name not in grouped:
+            grouped[name] = ([], [])
+        steps, values = grouped[name]
+        steps.append(step)
+        values.append(value)
+    return write_series(db_session=db_session, run_id=run_id, series=grouped)
+
+
+def write_series(*, db_session: Session, run_id: int, series: Series) -> int:
+    """:func:`write_points` for points given as columns per metric name."""
+    if not series:
         return 0
-    ids = metric_ids(db_session=db_session, names={name for name, _, _ in points})
-    # Reversed, so that the first of repeated keys wins; v != v is NaN, stored as NULL.
-    batch = {(ids[name], step): value for name, step, value in reversed(points)}
-    rows = sorted([(mid, step, None if v != v else v) for (mid, step), v in batch.items()])
+    ids = metric_ids(db_session=db_session, names=series.keys())
+    columns = Columns.build((ids[name], *pair) for name, pair in series.items())
+    if not len(columns):
+        return 0
     if db_session.get_bind().dialect.name == "postgresql":
-        new, merge = _insert_postgresql(db_session, run_id, rows)
+        new, merge = _insert_postgresql(db_session, run_id, columns)
     else:
-        new, merge = _insert_sqlite(db_session, run_id, rows)
-    merge_rollups(db_session=db_session, run_id=run_id, rows=merge)
+        new, merge = _insert_sqlite(db_session, run_id, columns)
+    merge_rollups(db_session=db_session, run_id=run_id, columns=merge)
     return new
 
 
@@ -119,33 +194,35 @@ _COPY_ROW = np.dtype(
         ("value", ">f8"),
     ]
 )
-_COPY_NULL_ROW = struct.Struct(">hiiiiiqi")
 
 
-def copy_payload(run_id: int, rows: Sequence[Row]) -> bytes:
-    """``rows`` in PostgreSQL's binary COPY format (numpy builds it when no value is NULL)."""
-    if any(value is None for _, _, value in rows):
-        parts = [_COPY_HEADER]
-        for mid, step, value in rows:
-            if value is None:
-                parts.append(_COPY_NULL_ROW.pack(4, 4, run_id, 4, mid, 8, step, -1))
-            else:
-                parts.append(struct.pack(">hiiiiiqid", 4, 4, run_id, 4, mid, 8, step, 8, value))
-        parts.append(_COPY_TRAILER)
-        return b"".join(parts)
-    table = np.empty(len(rows), _COPY_ROW)
+def copy_payload(run_id: int, columns: Columns) -> bytes:
+    """The points in PostgreSQL's binary COPY format, built by numpy.
+
+    A NULL (NaN) value is its length -1 with no bytes after it: those rows lose their last
+    8 bytes.
+    """
+    table = np.empty(len(columns), _COPY_ROW)
     table["fields"] = 4
     table["run_len"], table["metric_len"], table["step_len"], table["value_len"] = 4, 4, 8, 8
     table["run_id"] = run_id
-    mids, steps, values = zip(*rows, strict=True)
-    table["metric_id"], table["step"], table["value"] = mids, steps, values
-    return _COPY_HEADER + table.tobytes() + _COPY_TRAILER
+    table["metric_id"], table["step"], table["value"] = (
+        columns.metric_ids,
+        columns.steps,
+        columns.values,
+    )
+    null = np.isnan(columns.values)
+    if not null.any():
+        return _COPY_HEADER + table.tobytes() + _COPY_TRAILER
+    table["value_len"][null] = -1
+    keep = np.ones((len(table), _COPY_ROW.itemsize), dtype=bool)
+    keep[null, -8:] = False
+    body = table.view(np.uint8).reshape(len(table), _COPY_ROW.itemsize)[keep]
+    return _COPY_HEADER + body.tobytes() + _COPY_TRAILER
 
 
-def _insert_postgresql(
-    db_session: Session, run_id: int, rows: list[Row]
-) -> tuple[int, Sequence[Row]]:
-    """(points stored, the rows to merge into the rollups: exactly the new ones)."""
+def _insert_postgresql(db_session: Session, run_id: int, columns: Columns) -> tuple[int, Columns]:
+    """(points stored, the points to merge into the rollups: exactly the new ones)."""
     import psycopg
 
     raw = driver_connection(db_session)
@@ -156,47 +233,49 @@ def _insert_postgresql(
         try:
             copy_sql = "COPY metric (run_id, metric_id, step, value) FROM STDIN (FORMAT BINARY)"
             with cur.copy(copy_sql) as copy:
-                copy.write(copy_payload(run_id, rows))
+                copy.write(copy_payload(run_id, columns))
         except psycopg.errors.UniqueViolation:
             cur.execute("ROLLBACK TO SAVEPOINT metric_copy")
         else:
             cur.execute("RELEASE SAVEPOINT metric_copy")
-            return len(rows), rows
-        mids, steps, values = (list(column) for column in zip(*rows, strict=True))
+            return len(columns), columns
+        values = [None if v != v else v for v in columns.values.tolist()]
         cur.execute(
             "INSERT INTO metric (run_id, metric_id, step, value) "
             "SELECT %s, m, s, v FROM unnest(%s::int4[], %s::int8[], %s::float8[]) AS t(m, s, v) "
             "ORDER BY m, s ON CONFLICT DO NOTHING RETURNING metric_id, step, value",
-            (run_id, mids, steps, values),
+            (run_id, columns.metric_ids.tolist(), columns.steps.tolist(), values),
         )
-        new = sorted(cur.fetchall())
+        new = Columns.from_rows(sorted(cur.fetchall()))
         return len(new), new
 
 
-def _insert_sqlite(db_session: Session, run_id: int, rows: list[Row]) -> tuple[int, Sequence[Row]]:
-    """(points stored, the rows to merge into the rollups: the new ones and harmless repeats)."""
+def _insert_sqlite(db_session: Session, run_id: int, columns: Columns) -> tuple[int, Columns]:
+    """(points stored, the points to merge into the rollups: the new ones and harmless repeats)."""
     conn = db_session.connection()
+    rows = columns.rows()
     result = conn.exec_driver_sql(
         "INSERT INTO metric (run_id, metric_id, step, value) VALUES (?, ?, ?, ?) "
         "ON CONFLICT DO NOTHING",
-        [(run_id, mid, step, value) for mid, step, value in rows],
+        [(run_id, *row) for row in rows],
     )
     if result.rowcount == len(rows):
-        return len(rows), rows
+        return len(rows), columns
     # Some were stored already. This transaction holds SQLite's write lock now, so reading back
     # is exact: a point whose stored value is the one sent is either new or a harmless repeat
     # (merging it into the min/max rollups again changes nothing); one stored with another
     # value was ignored.
     stored: dict[tuple[int, int], float | None] = {}
-    for mid in sorted({mid for mid, _, _ in rows}):
-        steps = [step for m, step, _ in rows if m == mid]
+    for mid in np.unique(columns.metric_ids).tolist():
+        steps = columns.steps[columns.metric_ids == mid]
         found = conn.exec_driver_sql(
             "SELECT step, value FROM metric WHERE run_id = ? AND metric_id = ? "
             "AND step BETWEEN ? AND ?",
-            (run_id, mid, min(steps), max(steps)),
+            (run_id, mid, int(steps.min()), int(steps.max())),
         )
         stored |= {(mid, step): value for step, value in found}
-    return result.rowcount, [row for row in rows if stored.get(row[:2], ()) == row[2]]
+    keep = np.array([stored.get(row[:2], ()) == row[2] for row in rows], dtype=bool)
+    return result.rowcount, columns.where(keep)
 
 
 def json_number(value: float | None) -> float | str | None:

@@ -30,7 +30,7 @@ from sqlalchemy import (
     TypeDecorator,
     false,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -136,7 +136,7 @@ class MetricName(Base):
 class Metric(Base):
     """One point. No foreign keys: checking them per point halves PostgreSQL's COPY rate, and
     points are only written by ``services.metrics.write_points`` for runs its callers hold.
-    Deleting a run must delete its points (its rollups cascade)."""
+    Deleting a run must delete its points and rollups."""
 
     __tablename__ = "metric"
     # The primary key is the table on SQLite: no separate rowid b-tree per point.
@@ -161,8 +161,8 @@ class MetricRollup(Base):
     __tablename__ = "metric_rollup"
     __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (SQLAlchemy reads it once)
 
-    run_id: Mapped[int] = mapped_column(ForeignKey("run.id", ondelete="CASCADE"), primary_key=True)
-    metric_id: Mapped[int] = mapped_column(ForeignKey("metric_name.id"), primary_key=True)
+    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    metric_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
     bucket: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
@@ -171,6 +171,34 @@ class MetricRollup(Base):
     min_value: Mapped[float | None] = mapped_column(Double)
     max_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
     max_value: Mapped[float | None] = mapped_column(Double)
+
+
+def _array(item: type[Integer] | type[SmallInteger] | type[BigInteger] | type[Double]) -> Any:
+    """An array column on PostgreSQL (JSON on SQLite, which never writes the table)."""
+    return JSON().with_variant(ARRAY(item()), "postgresql")
+
+
+class MetricRollupPending(Base):
+    """Rollup summaries of committed batches, not merged into ``metric_rollup`` yet.
+
+    PostgreSQL only (SQLite merges in the batch's transaction): a batch inserts one row, its
+    summaries as parallel arrays, instead of upserting them, and a background merger (or the
+    next downsampled read of the run) merges and deletes it. See ``services/rollups.py``.
+    """
+
+    __tablename__ = "metric_rollup_pending"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(Integer, index=True)
+    metric_ids: Mapped[list[int]] = mapped_column(_array(Integer))
+    levels: Mapped[list[int]] = mapped_column(_array(SmallInteger))
+    buckets: Mapped[list[int]] = mapped_column(_array(BigInteger))
+    min_steps: Mapped[list[int]] = mapped_column(_array(BigInteger))
+    min_values: Mapped[list[float | None]] = mapped_column(_array(Double))
+    max_steps: Mapped[list[int]] = mapped_column(_array(BigInteger))
+    max_values: Mapped[list[float | None]] = mapped_column(_array(Double))
 
 
 class Dataset(Base):

@@ -1,11 +1,17 @@
 """Multi-resolution min/max rollups of metric histories, and downsampling with them.
 
 For every stored point, each of ``ROLLUP_LEVELS`` levels keeps the lowest and highest point of
-the point's bucket of ``2**(5 + 3 L)`` steps (32, 256, 2048, … steps) in ``metric_rollup``.
-Ingestion merges each batch's new points into those rows in the same transaction, in one more
-statement, so a 1M-point history is summarized by reading a few thousand rows instead of a
-million. Merging is a min/max, so it commutes and is idempotent: batches may arrive in any
-order, and merging a point twice changes nothing.
+the point's bucket of ``2**(5 + 3 L)`` steps (32, 256, 2048, … steps) in ``metric_rollup``,
+so a 1M-point history is summarized by reading a few thousand rows instead of a million.
+Merging is a min/max, so it commutes and is idempotent: batches may arrive in any order, and
+merging a point twice changes nothing.
+
+A batch's summaries are computed with numpy from its new points. On SQLite they are upserted
+in the batch's transaction. On PostgreSQL the transaction only inserts them as one
+``metric_rollup_pending`` row, and :class:`RollupMerger` (a thread in every process that
+writes metrics, woken after each commit) folds pending rows into ``metric_rollup`` with one
+statement per round, many batches at a time. A read that uses the rollups first merges what
+is pending of its run (:func:`settle`), so it never misses a committed point.
 
 Downsampling is min/max per bucket (M4 without each bucket's first and last point, which a
 line plot does not need to show spikes and divergence): the step range is cut into equal-width
@@ -16,14 +22,23 @@ summarized from the points themselves.
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, select
+import numpy as np
+from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
 from services.db import driver_connection
 from services.models import Metric, MetricRollup
+
+if TYPE_CHECKING:
+    from services.metrics import Columns
+
+log = logging.getLogger(__name__)
 
 ROLLUP_LEVELS = 12
 FIRST_SHIFT, LEVEL_SHIFT = 5, 3  # level L buckets steps by step >> (5 + 3 L)
@@ -61,27 +76,47 @@ def merge(into: Summary, other: Summary) -> None:
         into[2], into[3] = other[2], other[3]
 
 
-def _first_level(rows: Sequence[Row]) -> dict[tuple[int, int], Summary]:
-    """Level-0 summaries of ``rows``, which are sorted by (metric id, step)."""
-    out: dict[tuple[int, int], Summary] = {}
-    current: Summary = []
-    key = None
-    for mid, step, value in rows:
-        bucket = step >> FIRST_SHIFT
-        if key is None or key[0] != mid or key[1] != bucket:
-            key = (mid, bucket)
-            current = out[key] = [step, value, step, value]
-        elif value is not None:  # steps ascend: an equal value never replaces a summary
-            if current[1] is None or value < current[1]:
-                current[0], current[1] = step, value
-            if current[3] is None or value > current[3]:
-                current[2], current[3] = step, value
-    return out
+def _first_level(columns: Columns) -> dict[tuple[int, int], Summary]:
+    """Level-0 summaries of ``columns`` (sorted by metric id, step), computed per bucket by
+    numpy: a bucket's points are consecutive."""
+    if not len(columns):
+        return {}
+    mids, steps, values = columns.metric_ids, columns.steps, columns.values
+    buckets = steps >> FIRST_SHIFT
+    starts_mask = np.ones(len(steps), dtype=bool)
+    starts_mask[1:] = (mids[1:] != mids[:-1]) | (buckets[1:] != buckets[:-1])
+    starts = np.flatnonzero(starts_mask)
+    segment = np.cumsum(starts_mask) - 1  # each point's bucket, numbered from 0
+    nan = np.isnan(values)
+    # NaN loses to every number (±inf included) and wins only in a bucket of NaN only.
+    any_number = np.logical_or.reduceat(~nan, starts)[segment]
+    eligible = ~nan | ~any_number
+    low = np.where(nan, np.inf, values)
+    high = np.where(nan, -np.inf, values)
+    is_min = eligible & (low == np.minimum.reduceat(low, starts)[segment])
+    is_max = eligible & (high == np.maximum.reduceat(high, starts)[segment])
+    # The first candidate of each bucket: ties go to the lower step.
+    lo, hi = np.flatnonzero(is_min), np.flatnonzero(is_max)
+    lo = lo[np.unique(segment[lo], return_index=True)[1]]
+    hi = hi[np.unique(segment[hi], return_index=True)[1]]
+    keys = zip(mids[starts].tolist(), buckets[starts].tolist(), strict=True)
+    extremes = zip(
+        steps[lo].tolist(),
+        values[lo].tolist(),
+        steps[hi].tolist(),
+        values[hi].tolist(),
+        strict=True,
+    )
+    # v != v: NaN, stored as NULL.
+    return {
+        key: [a, None if b != b else b, c, None if d != d else d]
+        for key, (a, b, c, d) in zip(keys, extremes, strict=True)
+    }
 
 
-def rollup_rows(rows: Sequence[Row]) -> dict[tuple[int, int, int], Summary]:
-    """(metric id, level, bucket) -> summary of ``rows`` (sorted by metric id, step)."""
-    level = _first_level(rows)
+def rollup_summaries(columns: Columns) -> dict[tuple[int, int, int], Summary]:
+    """(metric id, level, bucket) -> summary of the points in ``columns``."""
+    level = _first_level(columns)
     out = {(mid, 0, bucket): summary for (mid, bucket), summary in level.items()}
     for lvl in range(1, ROLLUP_LEVELS):
         parent: dict[tuple[int, int], Summary] = {}
@@ -128,28 +163,155 @@ _UPSERT_SQLITE = (
 )
 
 
-def merge_rollups(*, db_session: Session, run_id: int, rows: Sequence[Row]) -> None:
-    """Merge ``rows`` (new points, sorted by metric id and step) into the run's rollups.
+def _array_literal(column: list[Any]) -> str:
+    """A PostgreSQL array literal: passed as text, it costs psycopg far less than a list.
 
-    One statement; rows are upserted in key order, so concurrent writers cannot deadlock.
+    ``repr`` of a float reads back exactly; ``inf`` and ``-inf`` are valid float8 input.
     """
-    if not rows:
+    return "{" + ",".join("NULL" if v is None else repr(v) for v in column) + "}"
+
+
+_PENDING_INSERT = (
+    "INSERT INTO metric_rollup_pending (run_id, metric_ids, levels, buckets, min_steps, "
+    "min_values, max_steps, max_values) VALUES (%s, %s::int4[], %s::int2[], %s::int8[], "
+    "%s::int8[], %s::float8[], %s::int8[], %s::float8[])"
+)
+
+
+def merge_rollups(*, db_session: Session, run_id: int, columns: Columns) -> None:
+    """Merge ``columns`` (new points) into the run's rollups, in the caller's transaction.
+
+    SQLite: one upsert, rows in key order, so concurrent writers cannot deadlock. PostgreSQL:
+    one row of ``metric_rollup_pending`` holding the batch's summaries, merged later by
+    :func:`merge_pending` (an upsert of every level per batch cost more than the rest of the
+    batch's statements together); reads that use rollups merge what is pending first.
+    """
+    if not len(columns):
         return
-    summaries = sorted(rollup_rows(rows).items())
+    summaries = sorted(rollup_summaries(columns).items())
     if db_session.get_bind().dialect.name == "postgresql":
-        columns: list[list[Any]] = [[] for _ in range(7)]
+        table: list[list[Any]] = [[] for _ in range(7)]
         for (mid, level, bucket), summary in summaries:
-            for column, value in zip(columns, (mid, level, bucket, *summary), strict=True):
+            for column, value in zip(table, (mid, level, bucket, *summary), strict=True):
                 column.append(value)
         raw = driver_connection(db_session)
         with raw.cursor() as cur:
-            # Prepared: planning this statement costs more than running it on a batch.
-            cur.execute(_UPSERT_POSTGRESQL, (run_id, *columns), prepare=True)
+            params = (run_id, *(_array_literal(column) for column in table))
+            cur.execute(_PENDING_INSERT, params, prepare=True)
     else:
         db_session.connection().exec_driver_sql(
             _UPSERT_SQLITE,
             [(run_id, mid, level, bucket, *summary) for (mid, level, bucket), summary in summaries],
         )
+
+
+def _merge_pending_sql(one_run: bool) -> str:
+    """Claim pending rows (oldest first), fold their summaries per key, upsert, delete them.
+
+    The background merger skips rows another merger holds; a read settling one run waits for
+    them instead, so that once it returns every batch committed before it is merged. Per key,
+    the lowest point is the lowest value (NaN, stored NULL, last) and then the lower step.
+    """
+    if one_run:
+        claim = "WHERE run_id = %(run_id)s ORDER BY id LIMIT %(limit)s FOR UPDATE"
+    else:
+        claim = "ORDER BY id LIMIT %(limit)s FOR UPDATE SKIP LOCKED"
+    key = "run_id, metric_id, level, bucket"
+    return f"""
+        WITH claimed AS (
+            DELETE FROM metric_rollup_pending
+            WHERE id IN (SELECT id FROM metric_rollup_pending {claim})
+            RETURNING run_id, metric_ids, levels, buckets, min_steps, min_values, max_steps,
+                      max_values
+        ), summaries AS (
+            SELECT c.run_id, u.*
+            FROM claimed AS c, unnest(c.metric_ids, c.levels, c.buckets, c.min_steps,
+                                      c.min_values, c.max_steps, c.max_values)
+                AS u(metric_id, level, bucket, min_step, min_value, max_step, max_value)
+        ), lows AS (
+            SELECT DISTINCT ON ({key}) {key}, min_step, min_value FROM summaries
+            ORDER BY {key}, min_value ASC NULLS LAST, min_step
+        ), highs AS (
+            SELECT DISTINCT ON ({key}) {key}, max_step, max_value FROM summaries
+            ORDER BY {key}, max_value DESC NULLS LAST, max_step
+        ), merged AS (
+            INSERT INTO metric_rollup AS r {_COLUMNS}
+            SELECT {key}, lows.min_step, lows.min_value, highs.max_step, highs.max_value
+            FROM lows JOIN highs USING ({key})
+            ORDER BY {key}
+            {_ON_CONFLICT}
+        )
+        SELECT count(*) FROM claimed
+    """
+
+
+_MERGE_ALL, _MERGE_RUN = _merge_pending_sql(False), _merge_pending_sql(True)
+
+
+def merge_pending(engine: Engine, run_id: int | None = None, limit: int = 200) -> int:
+    """Merge pending rollups (of ``run_id`` only, if given) until none is left; how many
+    batches were merged. Each round is a transaction of its own. No-op on SQLite."""
+    if engine.dialect.name != "postgresql":
+        return 0
+    merged = 0
+    with engine.connect() as conn:
+        while True:
+            with conn.begin():
+                sql = _MERGE_ALL if run_id is None else _MERGE_RUN
+                count = conn.exec_driver_sql(sql, {"run_id": run_id, "limit": limit}).scalar()
+            merged += count or 0
+            if not count or count < limit:
+                return merged
+
+
+def settle(db_session: Session, run_id: int) -> None:
+    """Merge what is pending of ``run_id`` before its rollups are read (PostgreSQL)."""
+    engine = db_session.get_bind()
+    if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
+        return
+    raw = driver_connection(db_session)
+    sql = "SELECT EXISTS (SELECT 1 FROM metric_rollup_pending WHERE run_id = %s)"
+    if raw.execute(sql, (run_id,)).fetchone()[0]:
+        merge_pending(engine, run_id)
+
+
+class RollupMerger:
+    """Merges pending rollups in a daemon thread: when :meth:`notify`-ed after a commit, and
+    every ``interval`` seconds whatever is left (say, of a writer that died before notifying).
+    Errors are logged and retried; they never reach the writers."""
+
+    def __init__(self, engine: Engine, interval: float = 5.0) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> RollupMerger:
+        if self.engine.dialect.name == "postgresql" and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="rollup-merger", daemon=True)
+            self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                merge_pending(self.engine)
+            except Exception:  # the next wake-up retries; writers are never affected
+                log.exception("merging pending rollups failed")
+                time.sleep(1.0)
 
 
 # -- downsampling ------------------------------------------------------------------------------
@@ -216,6 +378,7 @@ def downsample(
         points = series(db_session, run_id, metric_id, lo, hi)
         summaries = _group_points(points, lo, hi, groups)
     else:
+        settle(db_session, run_id)
         summaries = _group_rollups(db_session, run_id, metric_id, lo, hi, groups, level)
     out = {lo: head[0][1], hi: tail[0][1]}
     for min_step, min_value, max_step, max_value in summaries:

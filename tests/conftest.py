@@ -78,7 +78,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     url: str = request.getfixturevalue("pg_migrated_url")
     engine = create_engine(url)
     with engine.begin() as conn:
-        conn.execute(text("TRUNCATE metric, run, sweep, metric_name RESTART IDENTITY CASCADE"))
+        conn.execute(
+            text(
+                "TRUNCATE metric, metric_rollup, metric_rollup_pending, run, sweep, metric_name"
+                " RESTART IDENTITY CASCADE"
+            )
+        )
     engine.dispose()
     return url
 

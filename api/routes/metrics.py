@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Annotated, Any, Literal, cast
 
 from fastapi import APIRouter, Query, Request, Response
@@ -28,7 +28,7 @@ from services import runs as run_service
 from services.db import session_scope
 from services.errors import FieldError, NotFound, SpecError
 from services.exports import ParquetUnavailable, csv_chunks, parquet_file
-from services.external_runs import MetricBatchIn, log_points
+from services.external_runs import MetricBatchIn, log_batch
 from services.metrics import NAME_PATTERN
 from services.settings import Settings
 
@@ -209,27 +209,33 @@ def read(
 
 
 def _log(
-    sessions: sessionmaker[Session], settings: Settings, run_id: int, body: bytes
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    run_id: int,
+    body: bytes,
+    committed: Callable[[], None] = lambda: None,
 ) -> BatchStored:
     try:  # JSON parsed and validated in one pass (pydantic-core), not json.loads then pydantic
         batch = MetricBatchIn.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    if len(batch.points) > settings.max_batch_points:
+    received = batch.size()
+    if received > settings.max_batch_points:
         raise SpecError(
             [
                 FieldError(
-                    "points",
-                    f"{len(batch.points)} points",
+                    "series" if batch.series is not None else "points",
+                    f"{received} points",
                     f"over the cap {settings.max_batch_points} per batch "
                     "(split it, or raise OVERPARAM_MAX_BATCH_POINTS)",
                 )
             ]
         )
-    points = batch.as_points()
+    series = batch.as_series()
     with session_scope(sessions) as db:  # committed before the response, like CommittedSessionDep
-        stored = log_points(db_session=db, run_id=run_id, points=points)
-    return BatchStored(received=len(points), stored=stored)
+        stored = log_batch(db_session=db, run_id=run_id, series=series)
+    committed()
+    return BatchStored(received=received, stored=stored)
 
 
 @router.post(
@@ -245,12 +251,17 @@ def _log(
 async def log(run_id: int, request: Request, settings: SettingsDep) -> BatchStored:
     """Log a batch of an external run (many metrics and steps); re-sent points are ignored.
 
-    Body: ``{"points": [{"metric": "loss", "step": 3, "value": 0.25}, …]}``; a non-finite
-    value is "NaN", "Infinity" or "-Infinity". Answers how many were received and stored.
+    Body: ``{"series": [{"metric": "loss", "steps": [3, 4], "values": [0.25, 0.2]}, …]}`` (the
+    compact form, fastest to ingest) or ``{"points": [{"metric": "loss", "step": 3, "value":
+    0.25}, …]}``; a non-finite value is "NaN", "Infinity" or "-Infinity". Answers how many
+    points were received and stored.
     """
     body = await request.body()
     # One worker thread does it all: validation, the transaction and its commit.
-    return await run_in_threadpool(_log, request.app.state.sessions, settings, run_id, body)
+    state = request.app.state
+    return await run_in_threadpool(
+        _log, state.sessions, settings, run_id, body, state.rollups.notify
+    )
 
 
 @router.get("/runs/{run_id}/metrics/export", response_model=None)

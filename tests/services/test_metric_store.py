@@ -15,10 +15,21 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services import history
 from services.db import make_engine, make_sessionmaker, session_scope
-from services.metrics import copy_payload, write_points
+from services.metrics import Columns, copy_payload, write_points
 from services.migrate import upgrade
 from services.models import Metric, MetricRollup, Run
-from services.rollups import ROLLUP_LEVELS, downsample, rollup_rows
+from services.rollups import (
+    FIRST_SHIFT,
+    LEVEL_SHIFT,
+    ROLLUP_LEVELS,
+    RollupMerger,
+    Row,
+    Summary,
+    downsample,
+    merge,
+    rollup_summaries,
+    settle,
+)
 
 NAN, INF = float("nan"), float("inf")
 
@@ -49,12 +60,29 @@ def stored(sessions: sessionmaker[Session], run_id: int) -> list[tuple[int, int,
 
 
 def rollups(sessions: sessionmaker[Session], run_id: int) -> dict[tuple[int, int, int], list]:  # type: ignore[type-arg]
+    """The run's rollups once every pending batch is merged (PostgreSQL defers them)."""
+    with session_scope(sessions) as db:
+        settle(db, run_id)
     with session_scope(sessions) as db:
         rows = db.scalars(select(MetricRollup).where(MetricRollup.run_id == run_id))
         return {
             (r.metric_id, r.level, r.bucket): [r.min_step, r.min_value, r.max_step, r.max_value]
             for r in rows
         }
+
+
+def rollup_rows(rows: list[Row]) -> dict[tuple[int, int, int], Summary]:
+    """The reference: every level summarized from the points one at a time in Python (the
+    service computes level 0 with numpy and the levels above from it)."""
+    out: dict[tuple[int, int, int], Summary] = {}
+    for mid, step, value in rows:
+        for level in range(ROLLUP_LEVELS):
+            key = (mid, level, step >> (FIRST_SHIFT + LEVEL_SHIFT * level))
+            if key in out:
+                merge(out[key], [step, value, step, value])
+            else:
+                out[key] = [step, value, step, value]
+    return out
 
 
 def assert_rollups_match_points(sessions: sessionmaker[Session], run_id: int) -> None:
@@ -124,6 +152,36 @@ def test_rollups_equal_a_recomputation_after_shuffled_overlapping_batches(sessio
     assert len(stored(sessions, run_id)) == len(points)
     assert_rollups_match_points(sessions, run_id)
     assert {level for _, level, _ in rollups(sessions, run_id)} == set(range(ROLLUP_LEVELS))
+
+
+@pytest.mark.postgres
+def test_pending_rollups_fold_ties_and_nan_across_batches_under_concurrent_mergers(
+    pg_migrated_url: str,
+) -> None:
+    """PostgreSQL defers rollups: 60 pending batches whose values tie, are ±inf, or NaN-only
+    in whole buckets, merged by three background mergers and a settling read at once."""
+    engine = make_engine(pg_migrated_url)
+    sessions = make_sessionmaker(engine)
+    rng = random.Random(11)
+    run_id = new_run(sessions)
+    steps = rng.sample(range(40_000), 6000)
+    pool = [NAN, INF, -INF, 0.0, 1.0, 1.0]
+    points = [(name, s, NAN if s < 500 else rng.choice(pool)) for name in ("a", "b") for s in steps]
+    for i in range(0, len(points), 200):
+        with session_scope(sessions) as db:
+            write_points(db_session=db, run_id=run_id, points=points[i : i + 200])
+    with session_scope(sessions) as db:
+        pending = db.scalar(text("SELECT count(*) FROM metric_rollup_pending"))
+    assert pending == 60
+    mergers = [RollupMerger(engine, interval=0.01).start() for _ in range(3)]
+    with session_scope(sessions) as db:
+        settle(db, run_id)
+    for merger in mergers:
+        merger.stop()
+    with session_scope(sessions) as db:
+        assert db.scalar(text("SELECT count(*) FROM metric_rollup_pending")) == 0
+    assert_rollups_match_points(sessions, run_id)
+    engine.dispose()
 
 
 def test_concurrent_overlapping_batches_store_every_point_exactly_once(sessions) -> None:  # type: ignore[no-untyped-def]
@@ -249,9 +307,33 @@ def test_run_metric_ids_lists_each_metric_once(sessions) -> None:  # type: ignor
         assert history.run_metric_names(db_session=db, run_id=10**6) == []
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_vectorized_rollups_equal_the_one_point_at_a_time_reference(seed: int) -> None:
+    """Ties, NaN next to ±inf, buckets of NaN only, several metrics, sparse steps."""
+    rng = random.Random(seed)
+    pool = [NAN, INF, -INF, 0.0, 1.0, -1.0, 2.5]
+    keys = {
+        (rng.randint(1, 3), rng.choice([rng.randint(0, 300), rng.randint(0, 10**7)]))
+        for _ in range(2000)
+    }
+    rows = sorted((mid, step, rng.choice(pool)) for mid, step in keys)
+    stored = [(mid, step, None if v != v else v) for mid, step, v in rows]
+    columns = Columns.build(
+        (mid, [s for m, s, _ in rows if m == mid], [v for m, _, v in rows if m == mid])
+        for mid in (1, 2, 3)
+    )
+    assert columns.rows() == stored
+    assert rollup_summaries(columns) == rollup_rows(stored)
+
+
+def test_columns_keep_the_first_of_repeated_keys_in_key_order() -> None:
+    columns = Columns.build([(2, [5, 1, 5], [1.0, 2.0, 3.0]), (1, [9], [NAN]), (2, [1], [4.0])])
+    assert columns.rows() == [(1, 9, None), (2, 1, 2.0), (2, 5, 1.0)]
+
+
 def test_copy_payload_matches_postgresql_binary_format() -> None:
     rows = [(1, 5, 0.25), (2, 2**40, None)]
-    payload = copy_payload(7, rows)
+    payload = copy_payload(7, Columns.from_rows(rows))
     assert payload.startswith(b"PGCOPY\n\xff\r\n\x00") and payload.endswith(b"\xff\xff")
     assert (
         len(payload)
