@@ -27,12 +27,12 @@ class BodySizeLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:
-                raise _TooLarge
+                raise BodyTooLarge
             return message
 
         try:
             await self.app(scope, counting_receive, send)
-        except _TooLarge:
+        except BodyTooLarge:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
@@ -57,5 +57,5 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-class _TooLarge(Exception):
+class BodyTooLarge(Exception):
     pass

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from api import problems
+from api.fast_ingest import MetricBatchFastPath
 from api.limits import BodySizeLimit
 from api.routes import (
     analysis,
@@ -25,7 +26,7 @@ from api.routes import (
 )
 from services.db import make_engine, make_sessionmaker
 from services.manifest import package_version
-from services.rollups import RollupMerger
+from services.metrics import DeferredWriter
 from services.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = make_engine(settings.database_url)
     app.state.sessions = make_sessionmaker(engine)
-    # Merges the rollups that metric batches posted here leave pending (PostgreSQL only).
-    app.state.rollups = RollupMerger(engine).start()
+    # Moves the batches posted here into the metric table and merges their rollups
+    # (write-behind on PostgreSQL; SQLite writes them in the request).
+    app.state.deferred = DeferredWriter(engine).start()
     stop = asyncio.Event()
     dispatcher_task = None
     owns_ray = False
@@ -59,7 +61,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             from services import ray_cluster
 
             ray_cluster.disconnect()
-        await asyncio.to_thread(app.state.rollups.stop)
+        await asyncio.to_thread(app.state.deferred.stop)
         engine.dispose()
 
 
@@ -74,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
     )
     app.state.settings = settings
+    app.add_middleware(MetricBatchFastPath)  # added first: it runs inside the size limit
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
     v1 = APIRouter(prefix="/api/v1")

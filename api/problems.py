@@ -40,26 +40,36 @@ def validation_problem(errors: list[FieldError]) -> JSONResponse:
     return problem(422, "Invalid request", detail, errors=[e.as_dict() for e in errors])
 
 
-def install(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+def known_problem(exc: Exception) -> JSONResponse | None:
+    """The problem+json of a request error the service raises on purpose; None for others."""
+    if isinstance(exc, RequestValidationError):
         errors = [
             FieldError(_loc_to_field(tuple(err["loc"])), err.get("input"), err["msg"])
             for err in exc.errors()
         ]
         return validation_problem(errors)
-
-    @app.exception_handler(SpecError)
-    async def _spec_invalid(_: Request, exc: SpecError) -> JSONResponse:
+    if isinstance(exc, SpecError):
         return validation_problem(exc.errors)
-
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+    if isinstance(exc, NotFound):
         return problem(404, "Not found", str(exc))
-
-    @app.exception_handler(Conflict)
-    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+    if isinstance(exc, Conflict):
         return problem(409, "Conflict", str(exc))
+    return None
+
+
+def unexpected_problem(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(500, "Internal error", "an unexpected error occurred; see the server log")
+
+
+def install(app: FastAPI) -> None:
+    async def _known(_: Request, exc: Exception) -> JSONResponse:
+        response = known_problem(exc)
+        assert response is not None
+        return response
+
+    for kind in (RequestValidationError, SpecError, NotFound, Conflict):
+        app.add_exception_handler(kind, _known)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -70,5 +80,4 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "Internal error", "an unexpected error occurred; see the server log")
+        return unexpected_problem(request, exc)

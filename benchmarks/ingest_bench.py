@@ -51,14 +51,12 @@ from benchmarks.harness import (
     serve_ours,
 )
 from services.db import make_engine, make_sessionmaker, session_scope
-from services.metrics import Columns, copy_payload, metric_ids, write_points
+from services.metrics import Columns, DeferredWriter, copy_payload, metric_ids, write_points
 from services.models import Run
-from services.rollups import RollupMerger
 
 STEPS_PER_BATCH = 500
 METRICS = ("train/loss", "ntk_lambda_min")
-BLOCK = 10
-DRAIN: list[float] = []  # batches per side before the REST paths alternate
+BLOCK = 10  # batches per side before the REST paths alternate
 
 
 def batch_points(index: int) -> list[tuple[str, int, float]]:
@@ -116,7 +114,11 @@ def drainer(url: str) -> Callable[[], None]:
     conn = psycopg.connect(url.replace("postgresql+psycopg", "postgresql"), autocommit=True)
 
     def drain() -> None:
-        while conn.execute("SELECT EXISTS (SELECT 1 FROM metric_rollup_pending)").fetchone()[0]:  # type: ignore[index]
+        pending = (
+            "SELECT EXISTS (SELECT 1 FROM metric_rollup_pending"
+            " UNION ALL SELECT 1 FROM metric_batch_queue)"
+        )
+        while conn.execute(pending).fetchone()[0]:  # type: ignore[index]
             time.sleep(0.0005)
 
     return drain
@@ -167,9 +169,7 @@ def rest_paths(
             for i in range(first, last):
                 timer.time(path, len(data[i]), partial(post, bodies[path][i]))
             if path != "mlflow":
-                t0 = time.perf_counter()
                 timer.time(path, 0, drain)
-                DRAIN.append(time.perf_counter() - t0)
 
 
 def poster(base_url: str, path: str) -> Callable[[bytes], None]:
@@ -226,7 +226,7 @@ def internal_paths(timer: Timer, url: str, batches: int) -> str:
                 copy.write(copy_payload(raw_run, Columns.from_rows(rows)))
             conn.commit()
 
-    merger = RollupMerger(engine).start()  # as in the dispatcher's process
+    merger = DeferredWriter(engine).start()  # as in the dispatcher's process
     drain = drainer(url)
 
     def internal(points: list[tuple[str, int, float]]) -> None:
@@ -251,12 +251,8 @@ def internal_paths(timer: Timer, url: str, batches: int) -> str:
     return floor
 
 
-TIMERS: list[Timer] = []
-
-
 def bench(backend: Backend, batches: int, mlflow_batches: int) -> list[list[str]]:
     timer = Timer()
-    TIMERS.append(timer)
     with (
         tempfile.TemporaryDirectory() as artifacts,
         serve_ours(backend.ours) as ours,
@@ -300,7 +296,6 @@ def main() -> None:
     with backends(args.backends.split(",")) as selected:
         for backend in selected:
             rows += bench(backend, args.batches, args.mlflow_batches or args.batches)
-    print("drain total s", sum(DRAIN), "n", len(DRAIN), "timer", {k: round(v, 3) for k, v in TIMERS[0].seconds.items()})
     print_table(
         "Ingestion, 1,000-point batches, one request / transaction each (points per second; "
         f"load average {load:.1f} → {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",

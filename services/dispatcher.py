@@ -28,10 +28,9 @@ from services.analysis import analyze_run, load_points
 from services.datasets import load_arrays
 from services.db import session_scope
 from services.leadership import Leadership
-from services.metrics import json_number, metric_ids, write_points
+from services.metrics import DeferredWriter, json_number, metric_ids, write_points
 from services.models import DispatcherRecord, Metric, Run, utcnow
 from services.resources import ResourceRequest, ResourceSpec, resolve
-from services.rollups import RollupMerger
 from services.runs import cancel_requested_ids, claim_runs, queued_runs, transition
 from services.settings import Settings
 from worker.config import RunConfig
@@ -158,8 +157,8 @@ class Dispatcher:
         self.leading = False
         self._last_beat = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
-        # Merges the rollups its metric batches leave pending (PostgreSQL; a no-op on SQLite).
-        self.rollups = RollupMerger(session_factory.kw["bind"])
+        # Merges the rollups its metric batches leave pending (PostgreSQL; none on SQLite).
+        self.deferred = DeferredWriter(session_factory.kw["bind"])
 
     # -- Ray -------------------------------------------------------------------------------
 
@@ -273,7 +272,7 @@ class Dispatcher:
             run.summary = progress.as_summary()
             run.heartbeat_at = utcnow()
         if isinstance(event, MetricBatch):
-            self.rollups.notify()
+            self.deferred.notify()
 
     def _finish(self, run_id: int, status: str, error: str | None) -> None:
         with session_scope(self.sessions) as db:
@@ -420,11 +419,11 @@ class Dispatcher:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait to lead, dispatch until ``stop`` is set, then stop the runs and re-queue them."""
-        self.rollups.start()
+        self.deferred.start()
         try:
             await self._run(stop)
         finally:
-            await asyncio.to_thread(self.rollups.stop)
+            await asyncio.to_thread(self.deferred.stop)
 
     async def _run(self, stop: asyncio.Event) -> None:
         waiting_logged = False

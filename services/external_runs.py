@@ -6,26 +6,35 @@ ingestion code as the dispatcher's (:func:`services.metrics.write_series`) and f
 its client. Its config is any JSON object (a script's hyper-parameters), size-capped. A
 non-external run is a one-run sweep, validated like any sweep.
 
-Metric posts and the finish race safely: the post takes a share lock on the run row on
-PostgreSQL (so the finishing UPDATE waits for it), and re-reads the status after writing on
-SQLite (where the write already holds the database's write lock).
+Metric posts and the finish race safely: the post locks the run row on PostgreSQL (so the
+finishing UPDATE waits for it), and re-reads the status after writing on SQLite (where the
+write already holds the database's write lock).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
+import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
 from services.db import driver_connection
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.manifest import base_manifest
-from services.metrics import MAX_STEP, NAME_PATTERN, Series, write_series
+from services.metrics import (
+    MAX_STEP,
+    NAME_PATTERN,
+    Series,
+    columns_of,
+    enqueue,
+    move_queued,
+    write_columns,
+)
 from services.models import FINAL_STATUSES, Run, utcnow
 from services.runs import get_run, transition
 from services.settings import Settings
@@ -248,7 +257,7 @@ def _check_writable(run_id: int, found: Any) -> None:
 
 
 def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
-    """The run's (external, status) or None, through the driver (the hot path of every batch).
+    """The run's (external, status) or None, through the driver.
 
     ``lock``: FOR SHARE on PostgreSQL, so that a concurrent finish waits for this batch.
     """
@@ -260,14 +269,53 @@ def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
     return raw.execute(sql, (run_id,)).fetchone()
 
 
+# The run's state, and whether any point of the batch may be stored or queued already: an
+# index probe of each, for the batch's metrics and step range. Never prepared: a generic plan
+# made while the tables were small would scan them.
+_STATE_AND_OVERLAP = """
+    SELECT r.external, r.status,
+           EXISTS (SELECT 1 FROM metric m WHERE m.run_id = r.id
+                   AND m.metric_id = ANY(%(mids)s::int4[])
+                   AND m.step BETWEEN %(first)s AND %(last)s)
+        OR EXISTS (SELECT 1 FROM metric_batch_queue q WHERE q.run_id = r.id
+                   AND q.first_step <= %(last)s AND q.last_step >= %(first)s
+                   AND q.metric_ids && %(mids)s::int4[])
+    FROM run r WHERE r.id = %(run)s FOR NO KEY UPDATE OF r
+"""
+
+
 def log_batch(*, db_session: Session, run_id: int, series: Series) -> int:
-    """Store a batch of an external, running run; returns how many points were new."""
-    _check_writable(run_id, _run_state(db_session, run_id, lock=True))
-    stored = write_series(db_session=db_session, run_id=run_id, series=series)
-    if db_session.get_bind().dialect.name == "sqlite":
-        # The batch's INSERT took SQLite's write lock: a finish committed before it is visible
-        # now, and none can commit until this transaction ends.
-        _check_writable(run_id, _run_state(db_session, run_id, lock=False))
+    """Store a batch of an external, running run; returns how many points were new.
+
+    PostgreSQL: batches of a run take turns (a row lock on the run, which a finish waits for
+    too). A batch none of whose points is stored or queued, the usual case, is queued
+    (write-behind, ``services/metrics.py``); one that overlaps first moves the run's queue and
+    is then written like any batch, so that the first of a point posted twice counts.
+    """
+    columns = columns_of(db_session=db_session, series=series)
+    if db_session.get_bind().dialect.name == "postgresql":
+        if not len(columns):
+            _check_writable(run_id, _run_state(db_session, run_id, lock=True))
+            return 0
+        params = {
+            "mids": np.unique(columns.metric_ids).tolist(),
+            "first": int(columns.steps.min()),
+            "last": int(columns.steps.max()),
+            "run": run_id,
+        }
+        found = driver_connection(db_session).execute(_STATE_AND_OVERLAP, params, prepare=False)
+        state = found.fetchone()
+        _check_writable(run_id, state and state[:2])
+        if not state[2]:
+            enqueue(db_session=db_session, run_id=run_id, columns=columns)
+            return len(columns)
+        move_queued(cast(Engine, db_session.get_bind()), run_id)  # its own transactions
+        return write_columns(db_session=db_session, run_id=run_id, columns=columns)
+    _check_writable(run_id, _run_state(db_session, run_id, lock=False))
+    stored = write_columns(db_session=db_session, run_id=run_id, columns=columns)
+    # The batch's INSERT took SQLite's write lock: a finish committed before it is visible
+    # now, and none can commit until this transaction ends.
+    _check_writable(run_id, _run_state(db_session, run_id, lock=False))
     return stored
 
 

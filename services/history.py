@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.db import session_scope
 from services.errors import NotFound
+from services.metrics import settle_points
 from services.models import Metric, MetricName, Run
 from services.rollups import Point, downsample, series
 
@@ -30,7 +31,12 @@ class Series:
 
 
 def run_metric_ids(*, db_session: Session, run_id: int) -> dict[str, int]:
-    """name -> id of the metrics ``run_id`` has points of (one index probe per metric)."""
+    """name -> id of the metrics ``run_id`` has points of (one index probe per metric).
+
+    Every read of a run's points starts here, so this is where batches still queued for the
+    run are moved into ``metric`` first (write-behind on PostgreSQL; see services/metrics.py).
+    """
+    settle_points(db_session, run_id)
     # A loose index scan over the (run_id, metric_id, step) key, written as a recursive CTE
     # because neither dialect skips through an index by itself.
     ids = (

@@ -16,8 +16,11 @@ Names are normalized into ``metric_name`` (ids cached per engine). NaN is stored
 
 from __future__ import annotations
 
+import logging
 import math
 import re
+import threading
+import time
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +34,9 @@ from sqlalchemy.orm import Session
 
 from services.db import driver_connection
 from services.models import MetricName
-from services.rollups import Row, merge_rollups
+from services.rollups import Row, merge_pending, merge_rollups
+
+log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 MAX_STEP = 2**63 - 1  # the largest step both backends store as an integer
@@ -120,6 +125,15 @@ class Columns:
         return columns if first.all() else columns.where(first)
 
     @classmethod
+    def concat(cls, parts: Sequence[Columns]) -> Columns:
+        """One batch of several, in order: of a key in more than one, the first counts."""
+        return cls.build(
+            (int(mid), part.steps[part.metric_ids == mid], part.values[part.metric_ids == mid])
+            for part in parts
+            for mid in np.unique(part.metric_ids)
+        )
+
+    @classmethod
     def from_rows(cls, rows: Sequence[Row]) -> Columns:
         """From (metric id, step, stored value) rows sorted by key (None is NaN)."""
         if not rows:
@@ -165,17 +179,35 @@ def write_points(*, db_session: Session, run_id: int, points: Sequence[Point]) -
 
 def write_series(*, db_session: Session, run_id: int, series: Series) -> int:
     """:func:`write_points` for points given as columns per metric name."""
+    return write_columns(
+        db_session=db_session,
+        run_id=run_id,
+        columns=columns_of(db_session=db_session, series=series),
+    )
+
+
+def columns_of(*, db_session: Session, series: Series) -> Columns:
+    """``series`` as columns of metric ids (names created as needed)."""
     if not series:
-        return 0
+        return Columns.empty()
     ids = metric_ids(db_session=db_session, names=series.keys())
-    columns = Columns.build((ids[name], *pair) for name, pair in series.items())
+    return Columns.build((ids[name], *pair) for name, pair in series.items())
+
+
+def write_columns(
+    *, db_session: Session, run_id: int, columns: Columns, defer_rollups: bool = True
+) -> int:
+    """Store ``columns`` in the caller's transaction; returns how many points were new.
+
+    ``defer_rollups``: leave the rollups pending on PostgreSQL (see :func:`merge_rollups`).
+    """
     if not len(columns):
         return 0
     if db_session.get_bind().dialect.name == "postgresql":
         new, merge = _insert_postgresql(db_session, run_id, columns)
     else:
         new, merge = _insert_sqlite(db_session, run_id, columns)
-    merge_rollups(db_session=db_session, run_id=run_id, columns=merge)
+    merge_rollups(db_session=db_session, run_id=run_id, columns=merge, defer=defer_rollups)
     return new
 
 
@@ -276,6 +308,143 @@ def _insert_sqlite(db_session: Session, run_id: int, columns: Columns) -> tuple[
         stored |= {(mid, step): value for step, value in found}
     keep = np.array([stored.get(row[:2], ()) == row[2] for row in rows], dtype=bool)
     return result.rowcount, columns.where(keep)
+
+
+# -- write-behind: REST batches on PostgreSQL ---------------------------------------------------
+#
+# A batch posted over REST is validated, checked against what is stored (and queued) for its
+# run, and committed as one ``metric_batch_queue`` row: one small insert instead of a COPY of
+# every point, so the client's request ends sooner and the COPY runs on another core. The
+# :class:`DeferredWriter` of the process moves queued batches into ``metric`` (oldest first,
+# one run at a time under the run's advisory lock, so a run's points land in the order they
+# were posted), and every read of a run first moves what is queued of it
+# (:func:`settle_points`), so a read never misses a point whose post was answered.
+
+_QUEUE_LOCK = 0x6F707131  # advisory lock class of "moving run X's queued batches"
+_QUEUE_INSERT = (
+    "INSERT INTO metric_batch_queue (run_id, metric_ids, first_step, last_step, points, payload)"
+    " VALUES (%s, %s::int4[], %s, %s, %s, %s)"
+)
+
+
+def enqueue(*, db_session: Session, run_id: int, columns: Columns) -> None:
+    """Queue ``columns`` (none of them stored or queued yet) in the caller's transaction."""
+    payload = columns.metric_ids.tobytes() + columns.steps.tobytes() + columns.values.tobytes()
+    mids = "{" + ",".join(map(str, np.unique(columns.metric_ids).tolist())) + "}"
+    first, last = int(columns.steps.min()), int(columns.steps.max())
+    raw = driver_connection(db_session)
+    raw.execute(_QUEUE_INSERT, (run_id, mids, first, last, len(columns), payload), prepare=True)
+
+
+def _queued(points: int, payload: bytes) -> Columns:
+    ends = (4 * points, 12 * points)
+    return Columns(
+        np.frombuffer(payload, np.int32, points),
+        np.frombuffer(payload, np.int64, points, ends[0]),
+        np.frombuffer(payload, np.float64, points, ends[1]),
+    )
+
+
+def move_queued(engine: Engine, run_id: int | None = None, batches: int = 20) -> int:
+    """Move queued batches into ``metric`` (of ``run_id`` only, waiting for any mover of it;
+    else of every run no other mover holds); how many batches. No-op on SQLite.
+
+    Each transaction moves up to ``batches`` batches of one run as one COPY (the first of a
+    point posted twice counts, as if written in turn) and deletes them.
+    """
+    if engine.dialect.name != "postgresql":
+        return 0
+    moved = 0
+    with Session(engine) as db:
+        if run_id is None:
+            sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
+            runs = [r for (r,) in driver_connection(db).execute(sql)]
+            db.commit()
+        else:
+            runs = [run_id]
+        for run in runs:
+            while True:
+                # The session hands its connection back at each commit: take it anew.
+                raw = driver_connection(db)
+                if run_id is None:
+                    sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
+                    if not raw.execute(sql, (_QUEUE_LOCK, run)).fetchone()[0]:
+                        db.rollback()
+                        break  # another mover has it
+                else:
+                    raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_QUEUE_LOCK, run))
+                rows = raw.execute(
+                    "SELECT id, points, payload FROM metric_batch_queue WHERE run_id = %s "
+                    "ORDER BY id LIMIT %s",
+                    (run, batches),
+                ).fetchall()
+                if rows:
+                    parts = [_queued(points, payload) for _, points, payload in rows]
+                    columns = Columns.concat(parts)  # already off the request path:
+                    write_columns(db_session=db, run_id=run, columns=columns, defer_rollups=False)
+                    ids = [id_ for id_, _, _ in rows]
+                    raw.execute("DELETE FROM metric_batch_queue WHERE id = ANY(%s)", (ids,))
+                db.commit()
+                moved += len(rows)
+                if len(rows) < batches:
+                    break
+    return moved
+
+
+def settle_points(db_session: Session, run_id: int) -> None:
+    """Move what is queued of ``run_id`` before it is read (once per session; PostgreSQL)."""
+    engine = db_session.get_bind()
+    if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
+        return
+    settled = db_session.info.setdefault("settled_runs", set())
+    if run_id in settled:
+        return
+    settled.add(run_id)
+    raw = driver_connection(db_session)
+    sql = "SELECT EXISTS (SELECT 1 FROM metric_batch_queue WHERE run_id = %s)"
+    if raw.execute(sql, (run_id,)).fetchone()[0]:
+        move_queued(engine, run_id)
+
+
+class DeferredWriter:
+    """Moves queued batches and merges pending rollups in a daemon thread (PostgreSQL): when
+    :meth:`notify`-ed after a commit, and every ``interval`` seconds whatever is left (say,
+    of a process that died before doing it). Errors are logged and retried; they never reach
+    the writers, whose points are committed already."""
+
+    def __init__(self, engine: Engine, interval: float = 5.0) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> DeferredWriter:
+        if self.engine.dialect.name == "postgresql" and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="deferred-writer", daemon=True)
+            self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                move_queued(self.engine)
+                merge_pending(self.engine)
+            except Exception:  # the next wake-up retries; writers are never affected
+                log.exception("moving queued metric batches or merging rollups failed")
+                time.sleep(1.0)
 
 
 def json_number(value: float | None) -> float | str | None:

@@ -201,6 +201,27 @@ class MetricRollupPending(Base):
     max_values: Mapped[list[float | None]] = mapped_column(_array(Double))
 
 
+class MetricBatchQueue(Base):
+    """Metric batches posted over REST and committed, not moved into ``metric`` yet.
+
+    PostgreSQL only (SQLite writes a batch in its request): one row per batch, its points as
+    the bytes of three arrays (metric ids int32, steps int64, values float64). See the
+    write-behind section of ``services/metrics.py``.
+    """
+
+    __tablename__ = "metric_batch_queue"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
+    )
+    run_id: Mapped[int] = mapped_column(Integer, index=True)
+    metric_ids: Mapped[list[int]] = mapped_column(_array(Integer))
+    first_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    last_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    points: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Dataset(Base):
     """Uploaded training data: X (n, d) and y (n,) or (n, k), float64 little-endian bytes."""
 

@@ -8,9 +8,10 @@ merging a point twice changes nothing.
 
 A batch's summaries are computed with numpy from its new points. On SQLite they are upserted
 in the batch's transaction. On PostgreSQL the transaction only inserts them as one
-``metric_rollup_pending`` row, and :class:`RollupMerger` (a thread in every process that
-writes metrics, woken after each commit) folds pending rows into ``metric_rollup`` with one
-statement per round, many batches at a time. A read that uses the rollups first merges what
+``metric_rollup_pending`` row, and :func:`merge_pending` (run by
+:class:`services.metrics.DeferredWriter`, a thread in every process that writes metrics, woken
+after each commit) folds pending rows into ``metric_rollup`` with one statement per round, many
+batches at a time. A read that uses the rollups first merges what
 is pending of its run (:func:`settle`), so it never misses a committed point.
 
 Downsampling is min/max per bucket (M4 without each bucket's first and last point, which a
@@ -22,9 +23,6 @@ summarized from the points themselves.
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +35,6 @@ from services.models import Metric, MetricRollup
 
 if TYPE_CHECKING:
     from services.metrics import Columns
-
-log = logging.getLogger(__name__)
 
 ROLLUP_LEVELS = 12
 FIRST_SHIFT, LEVEL_SHIFT = 5, 3  # level L buckets steps by step >> (5 + 3 L)
@@ -178,13 +174,15 @@ _PENDING_INSERT = (
 )
 
 
-def merge_rollups(*, db_session: Session, run_id: int, columns: Columns) -> None:
+def merge_rollups(
+    *, db_session: Session, run_id: int, columns: Columns, defer: bool = True
+) -> None:
     """Merge ``columns`` (new points) into the run's rollups, in the caller's transaction.
 
-    SQLite: one upsert, rows in key order, so concurrent writers cannot deadlock. PostgreSQL:
-    one row of ``metric_rollup_pending`` holding the batch's summaries, merged later by
-    :func:`merge_pending` (an upsert of every level per batch cost more than the rest of the
-    batch's statements together); reads that use rollups merge what is pending first.
+    One upsert, rows in key order, so concurrent writers cannot deadlock; on PostgreSQL, unless
+    ``defer`` is false, one row of ``metric_rollup_pending`` holding the batch's summaries
+    instead, merged later by :func:`merge_pending` (the upsert of every level cost about as
+    much as the rest of a batch's statements); reads that use rollups merge it first.
     """
     if not len(columns):
         return
@@ -197,7 +195,8 @@ def merge_rollups(*, db_session: Session, run_id: int, columns: Columns) -> None
         raw = driver_connection(db_session)
         with raw.cursor() as cur:
             params = (run_id, *(_array_literal(column) for column in table))
-            cur.execute(_PENDING_INSERT, params, prepare=True)
+            # Prepared: planning either statement costs more than running it on a batch.
+            cur.execute(_PENDING_INSERT if defer else _UPSERT_POSTGRESQL, params, prepare=True)
     else:
         db_session.connection().exec_driver_sql(
             _UPSERT_SQLITE,
@@ -273,45 +272,6 @@ def settle(db_session: Session, run_id: int) -> None:
     sql = "SELECT EXISTS (SELECT 1 FROM metric_rollup_pending WHERE run_id = %s)"
     if raw.execute(sql, (run_id,)).fetchone()[0]:
         merge_pending(engine, run_id)
-
-
-class RollupMerger:
-    """Merges pending rollups in a daemon thread: when :meth:`notify`-ed after a commit, and
-    every ``interval`` seconds whatever is left (say, of a writer that died before notifying).
-    Errors are logged and retried; they never reach the writers."""
-
-    def __init__(self, engine: Engine, interval: float = 5.0) -> None:
-        self.engine = engine
-        self.interval = interval
-        self._wake = threading.Event()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> RollupMerger:
-        if self.engine.dialect.name == "postgresql" and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="rollup-merger", daemon=True)
-            self._thread.start()
-        return self
-
-    def notify(self) -> None:
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-            self._thread = None
-
-    def _loop(self) -> None:
-        while not self._stopping:
-            self._wake.wait(self.interval)
-            self._wake.clear()
-            try:
-                merge_pending(self.engine)
-            except Exception:  # the next wake-up retries; writers are never affected
-                log.exception("merging pending rollups failed")
-                time.sleep(1.0)
 
 
 # -- downsampling ------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ async def log(run_id: int, request: Request, settings: SettingsDep) -> BatchStor
     # One worker thread does it all: validation, the transaction and its commit.
     state = request.app.state
     return await run_in_threadpool(
-        _log, state.sessions, settings, run_id, body, state.rollups.notify
+        _log, state.sessions, settings, run_id, body, state.deferred.notify
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,14 +16,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services import history
 from services.db import make_engine, make_sessionmaker, session_scope
-from services.metrics import Columns, copy_payload, write_points
+from services.external_runs import log_batch
+from services.metrics import Columns, DeferredWriter, copy_payload, write_points
 from services.migrate import upgrade
 from services.models import Metric, MetricRollup, Run
 from services.rollups import (
     FIRST_SHIFT,
     LEVEL_SHIFT,
     ROLLUP_LEVELS,
-    RollupMerger,
     Row,
     Summary,
     downsample,
@@ -171,15 +172,18 @@ def test_pending_rollups_fold_ties_and_nan_across_batches_under_concurrent_merge
         with session_scope(sessions) as db:
             write_points(db_session=db, run_id=run_id, points=points[i : i + 200])
     with session_scope(sessions) as db:
-        pending = db.scalar(text("SELECT count(*) FROM metric_rollup_pending"))
+        pending = db.scalar(
+            text("SELECT count(*) FROM metric_rollup_pending WHERE run_id = :run"), {"run": run_id}
+        )
     assert pending == 60
-    mergers = [RollupMerger(engine, interval=0.01).start() for _ in range(3)]
+    mergers = [DeferredWriter(engine, interval=0.01).start() for _ in range(3)]
     with session_scope(sessions) as db:
         settle(db, run_id)
     for merger in mergers:
         merger.stop()
     with session_scope(sessions) as db:
-        assert db.scalar(text("SELECT count(*) FROM metric_rollup_pending")) == 0
+        left = text("SELECT count(*) FROM metric_rollup_pending WHERE run_id = :run")
+        assert db.scalar(left, {"run": run_id}) == 0
     assert_rollups_match_points(sessions, run_id)
     engine.dispose()
 
@@ -370,4 +374,55 @@ def test_migration_backfills_rollups_of_existing_points(backend, tmp_path, reque
     upgrade(url)
     engine = make_engine(url)
     assert rollups(make_sessionmaker(engine), 1) == rollup_rows([(1, s, v) for s, v in points])
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_rest_batches_are_queued_then_moved_in_order_and_reads_never_miss_them(
+    pg_migrated_url: str,
+) -> None:
+    """Write-behind on PostgreSQL: a fresh batch is one queue row; an overlapping one moves the
+    queue first (the first value posted wins, the stored count is exact); a read moves what is
+    queued; a writer that died leaves rows the periodic DeferredWriter moves."""
+    engine = make_engine(pg_migrated_url)
+    sessions = make_sessionmaker(engine)
+    run_id = new_run(sessions)
+
+    def post(points: dict[str, tuple[list[int], list[float]]]) -> int:
+        with session_scope(sessions) as db:
+            return log_batch(db_session=db, run_id=run_id, series=points)
+
+    def count(table: str) -> int:
+        with session_scope(sessions) as db:
+            sql = text(f"SELECT count(*) FROM {table} WHERE run_id = :run")
+            return int(db.scalar(sql, {"run": run_id}) or 0)
+
+    assert post({"loss": ([0, 1, 2], [1.0, NAN, 3.0]), "acc": ([0], [0.5])}) == 4
+    assert post({"loss": ([3, 4], [4.0, 5.0])}) == 2
+    assert (count("metric_batch_queue"), count("metric")) == (2, 0)
+    # Overlaps the queue: moved first, so step 2 keeps 3.0 and only step 5 is new.
+    assert post({"loss": ([2, 5], [-1.0, 6.0])}) == 1
+    assert count("metric_batch_queue") == 0
+    assert [v for _, _, v in stored(sessions, run_id)] == [0.5, 1.0, None, 3.0, 4.0, 5.0, 6.0]
+    assert post({"loss": ([6], [7.0])}) == 1
+    with session_scope(sessions) as db:  # a read moves the queue of its run first
+        (loss,) = history.read_page(
+            db_session=db, run_id=run_id, names=["loss"], start=5, end=None, after=None, limit=10
+        )
+    assert loss.points == [(5, 6.0), (6, 7.0)]
+    assert post({"loss": ([7, 8], [8.0, 9.0])}) == 2  # left queued, as by a process that died
+    writer = DeferredWriter(engine, interval=0.05).start()
+    try:
+        for _ in range(200):
+            if count("metric_batch_queue") == 0 and count("metric_rollup_pending") == 0:
+                break
+            time.sleep(0.05)
+    finally:
+        writer.stop()
+    assert (count("metric_batch_queue"), count("metric_rollup_pending"), count("metric")) == (
+        0,
+        0,
+        10,
+    )
+    assert_rollups_match_points(sessions, run_id)
     engine.dispose()
