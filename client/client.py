@@ -8,8 +8,9 @@ the ``pandas`` extra); live streams as :class:`ServerEvent` iterators that recon
 from __future__ import annotations
 
 import json
+import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -180,6 +181,41 @@ class OverparamClient:
     def cancel(self, run_id: int) -> dict[str, Any]:
         return self._call("POST", f"/runs/{run_id}/cancel")
 
+    def create_run(
+        self, config: dict[str, Any], external: bool = True, name: str = "run"
+    ) -> dict[str, Any]:
+        """A run logged to by this client (``external``), or one queued for the cluster."""
+        body = {"config": config, "external": external, "name": name}
+        return self._call("POST", "/runs", json=body)
+
+    def log_metrics(self, run_id: int, metrics: dict[str, float], step: int) -> dict[str, Any]:
+        """One step of several metrics (MLflow's ``log_metrics``); batch with :meth:`log_series`."""
+        series = {name: ([step], [value]) for name, value in metrics.items()}
+        return self.log_series(run_id, series)
+
+    def log_series(
+        self, run_id: int, series: Mapping[str, tuple[Sequence[int], Sequence[float]]]
+    ) -> dict[str, Any]:
+        """Many steps of many metrics in one request: ``{name: (steps, values)}``. NaN and ±inf
+        are sent as "NaN"/"Infinity"/"-Infinity"; re-sent points are ignored by the server.
+        Answers ``{"received", "stored"}``."""
+        body = [
+            {"metric": name, "steps": list(steps), "values": [_json_float(v) for v in values]}
+            for name, (steps, values) in series.items()
+        ]
+        return self._call("POST", f"/runs/{run_id}/metrics", json={"series": body})
+
+    def finish(
+        self,
+        run_id: int,
+        status: str = "succeeded",
+        summary: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """End an external run (once): succeeded, diverged, failed or cancelled."""
+        body = {"status": status, "summary": summary or {}, "error": error}
+        return self._call("POST", f"/runs/{run_id}/finish", json=body)
+
     def metric_names(self, run_id: int) -> list[str]:
         return self._call("GET", f"/runs/{run_id}/metric-names")["data"]
 
@@ -337,6 +373,13 @@ class OverparamClient:
         except ValueError:
             problem = {"title": response.reason_phrase, "detail": response.text[:500]}
         raise OverparamError(response.status_code, problem)
+
+
+def _json_float(value: float) -> float | str:
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 def _query(names: list[str] | None, start: int | None, end: int | None) -> dict[str, Any]:

@@ -163,3 +163,47 @@ def test_concurrent_overlapping_posts_store_every_point_exactly_once(client: Tes
     assert set(statuses) == {200}
     stored = every_point(client, run_id)
     assert len(stored) == len(points) == len({(m, s) for m, s, _ in stored})
+
+
+def test_series_batches_store_like_points_and_merge_a_repeated_metric(client: TestClient) -> None:
+    run_id = external_run(client)
+    series = [
+        {"metric": "loss", "steps": [0, 1, 2], "values": [1.0, "NaN", "Infinity"]},
+        {"metric": "acc", "steps": [5], "values": [0.25]},
+        {"metric": "loss", "steps": [2, 3], "values": [-1.0, "-Infinity"]},  # step 2: first wins
+    ]
+    logged = client.post(f"{V1}/runs/{run_id}/metrics", json={"series": series})
+    assert logged.json() == {"received": 6, "stored": 5}
+    again = client.post(f"{V1}/runs/{run_id}/metrics", json={"series": series[:1]})
+    assert again.json() == {"received": 3, "stored": 0}
+    assert every_point(client, run_id) == [
+        ("acc", 5, 0.25),
+        ("loss", 0, 1.0),
+        ("loss", 1, "NaN"),
+        ("loss", 2, "Infinity"),
+        ("loss", 3, "-Infinity"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"series": [{"metric": "a", "steps": [0, 1], "values": [1.0]}]}, "series[0].values"),
+        ({"series": [{"metric": "a", "steps": [0, -1], "values": [1, 2]}]}, "series[0].steps[1]"),
+        ({"series": [{"metric": "a", "steps": [0, True], "values": [1, 2]}]}, "series[0].steps[1]"),
+        ({"series": [{"metric": "a", "steps": [0], "values": ["nan"]}]}, "series[0].values[0]"),
+        ({"series": [{"metric": "a", "steps": [0], "values": [None]}]}, "series[0].values[0]"),
+        ({"series": [{"metric": "a b", "steps": [0], "values": [1]}]}, "series[0].metric"),
+        ({"series": [{"metric": "a", "steps": [], "values": []}]}, "series[0].steps"),
+        ({"series": []}, "series"),
+        ({"series": [{"metric": "a", "steps": [0], "values": [1]}], "points": []}, "points"),
+        ({}, "points"),
+    ],
+)
+def test_malformed_series_batches_get_422_naming_the_field_and_store_nothing(
+    client: TestClient, body: dict[str, Any], field: str
+) -> None:
+    run_id = external_run(client)
+    response = problem(client.post(f"{V1}/runs/{run_id}/metrics", json=body), 422)
+    assert field in {e["field"] for e in response["errors"]}, response["errors"]
+    assert every_point(client, run_id) == []

@@ -90,3 +90,32 @@ def test_cli_import_is_light() -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_client_logs_an_external_run_like_a_training_script(server: str) -> None:
+    """create_run / log_metrics / log_series / finish over real HTTP, then read back."""
+    from client.client import OverparamClient, OverparamError
+
+    with OverparamClient(server) as client:
+        run = client.create_run({"lr": 0.01, "layers": [64, 64]})
+        assert run["status"] == "running" and run["external"] is True
+        assert client.log_metrics(run["id"], {"loss": 1.5, "acc": 0.25}, step=0) == {
+            "received": 2,
+            "stored": 2,
+        }
+        steps = list(range(1, 101))
+        values = [1.0 / s for s in steps]
+        values[9] = float("nan")
+        logged = client.log_series(
+            run["id"], {"loss": (steps, values), "lr": ([0], [float("inf")])}
+        )
+        assert logged == {"received": 101, "stored": 101}
+        assert client.log_series(run["id"], {"loss": (steps[:5], values[:5])})["stored"] == 0
+        points = {(p["metric"], p["step"]): p["value"] for p in client.metrics(run["id"])}
+        assert len(points) == 103 and points[("loss", 10)] == "NaN"
+        assert points[("lr", 0)] == "Infinity" and points[("loss", 100)] == 0.01
+        finished = client.finish(run["id"], summary={"best": 0.01})
+        assert finished["status"] == "succeeded" and finished["summary"] == {"best": 0.01}
+        with pytest.raises(OverparamError) as refused:
+            client.log_metrics(run["id"], {"loss": 0.0}, step=101)
+        assert refused.value.status == 409
