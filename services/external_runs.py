@@ -20,10 +20,10 @@ from typing import Annotated, Any, Literal, cast
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypedDict
 
-from services.db import driver_connection
+from services.db import driver_connection, session_scope
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.manifest import base_manifest
 from services.metrics import (
@@ -31,8 +31,8 @@ from services.metrics import (
     NAME_PATTERN,
     Series,
     columns_of,
-    enqueue,
     move_queued,
+    queue_payload,
     write_columns,
 )
 from services.models import FINAL_STATUSES, Run, utcnow
@@ -259,64 +259,78 @@ def _check_writable(run_id: int, found: Any) -> None:
 def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
     """The run's (external, status) or None, through the driver.
 
-    ``lock``: FOR SHARE on PostgreSQL, so that a concurrent finish waits for this batch.
+    ``lock``: a row lock on PostgreSQL, so that other batches and a finish wait for this one.
     """
     raw = driver_connection(db_session)
     if db_session.get_bind().dialect.name == "postgresql":
-        sql = "SELECT external, status FROM run WHERE id = %s" + (" FOR SHARE" if lock else "")
+        sql = _LOCK_RUN if lock else "SELECT external, status FROM run WHERE id = %s"
     else:
         sql = "SELECT external, status FROM run WHERE id = ?"
     return raw.execute(sql, (run_id,)).fetchone()
 
 
-# The run's state, and whether any point of the batch may be stored or queued already: an
-# index probe of each, for the batch's metrics and step range. Never prepared: a generic plan
-# made while the tables were small would scan them.
-_STATE_AND_OVERLAP = """
-    SELECT r.external, r.status,
-           EXISTS (SELECT 1 FROM metric m WHERE m.run_id = r.id
-                   AND m.metric_id = ANY(%(mids)s::int4[])
-                   AND m.step BETWEEN %(first)s AND %(last)s)
-        OR EXISTS (SELECT 1 FROM metric_batch_queue q WHERE q.run_id = r.id
-                   AND q.first_step <= %(last)s AND q.last_step >= %(first)s
-                   AND q.metric_ids && %(mids)s::int4[])
-    FROM run r WHERE r.id = %(run)s FOR NO KEY UPDATE OF r
+_LOCK_RUN = "SELECT external, status FROM run WHERE id = %s FOR NO KEY UPDATE"
+# Queue the batch unless the run takes no metrics or some point of it may be stored or queued
+# already (an index probe of each for the batch's metrics and step range). Never prepared: a
+# generic plan made while the tables were small would scan them.
+_ENQUEUE_UNLESS_OVERLAP = """
+    INSERT INTO metric_batch_queue (run_id, metric_ids, first_step, last_step, points, payload)
+    SELECT %(run)s, %(mids)s::int4[], %(first)s, %(last)s, %(points)s, %(payload)s
+    WHERE EXISTS (SELECT 1 FROM run WHERE id = %(run)s AND external
+                  AND status <> ALL(%(final)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM metric WHERE run_id = %(run)s
+                      AND metric_id = ANY(%(mids)s::int4[])
+                      AND step BETWEEN %(first)s AND %(last)s)
+      AND NOT EXISTS (SELECT 1 FROM metric_batch_queue WHERE run_id = %(run)s
+                      AND first_step <= %(last)s AND last_step >= %(first)s
+                      AND metric_ids && %(mids)s::int4[])
 """
 
 
-def log_batch(*, db_session: Session, run_id: int, series: Series) -> int:
-    """Store a batch of an external, running run; returns how many points were new.
+def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -> int:
+    """Store a batch of an external, running run, committed; how many points were new.
 
     PostgreSQL: batches of a run take turns (a row lock on the run, which a finish waits for
     too). A batch none of whose points is stored or queued, the usual case, is queued
-    (write-behind, ``services/metrics.py``); one that overlaps first moves the run's queue and
-    is then written like any batch, so that the first of a point posted twice counts.
+    (write-behind, ``services/metrics.py``): the lock, the checked insert and the commit go to
+    the server in one round trip. A batch that overlaps is written directly, after the run's
+    queue is moved, so that the first of a point posted twice counts.
     """
-    columns = columns_of(db_session=db_session, series=series)
-    if db_session.get_bind().dialect.name == "postgresql":
-        if not len(columns):
-            _check_writable(run_id, _run_state(db_session, run_id, lock=True))
-            return 0
+    with session_scope(sessions) as db:
+        columns = columns_of(db_session=db, series=series)
+        if db.get_bind().dialect.name != "postgresql":
+            _check_writable(run_id, _run_state(db, run_id, lock=False))
+            stored = write_columns(db_session=db, run_id=run_id, columns=columns)
+            # The batch's INSERT took SQLite's write lock: a finish committed before it is
+            # visible now, and none can commit until this transaction ends.
+            _check_writable(run_id, _run_state(db, run_id, lock=False))
+            return stored
+        raw = driver_connection(db)
         params = {
-            "mids": np.unique(columns.metric_ids).tolist(),
+            "run": run_id,
+            "mids": "{" + ",".join(map(str, np.unique(columns.metric_ids).tolist())) + "}",
             "first": int(columns.steps.min()),
             "last": int(columns.steps.max()),
-            "run": run_id,
+            "points": len(columns),
+            "payload": queue_payload(columns),
+            "final": "{" + ",".join(sorted(FINAL_STATUSES)) + "}",
         }
-        found = driver_connection(db_session).execute(_STATE_AND_OVERLAP, params, prepare=False)
-        state = found.fetchone()
-        _check_writable(run_id, state and state[:2])
-        if not state[2]:
-            enqueue(db_session=db_session, run_id=run_id, columns=columns)
+        # Names this batch created must not outlive a refusal: then the commit waits.
+        created_names = bool(db.info.get("created_metric_names"))
+        with raw.pipeline():
+            lock = raw.execute(_LOCK_RUN, (run_id,), prepare=True)
+            queued = raw.execute(_ENQUEUE_UNLESS_OVERLAP, params, prepare=False)
+            if not created_names:
+                raw.commit()  # nothing is queued for a run that takes no metrics
+        _check_writable(run_id, lock.fetchone())
+        if queued.rowcount == 1:
             return len(columns)
-        move_queued(cast(Engine, db_session.get_bind()), run_id)  # its own transactions
-        return write_columns(db_session=db_session, run_id=run_id, columns=columns)
-    _check_writable(run_id, _run_state(db_session, run_id, lock=False))
-    stored = write_columns(db_session=db_session, run_id=run_id, columns=columns)
-    # The batch's INSERT took SQLite's write lock: a finish committed before it is visible
-    # now, and none can commit until this transaction ends.
-    _check_writable(run_id, _run_state(db_session, run_id, lock=False))
-    return stored
+    # Overlaps what is stored or queued: move the run's queue (other transactions, while this
+    # one holds the run), then write the batch here.
+    with session_scope(sessions) as db:
+        _check_writable(run_id, _run_state(db, run_id, lock=True))
+        move_queued(cast(Engine, db.get_bind()), run_id)
+        return write_columns(db_session=db, run_id=run_id, columns=columns)
 
 
 def finish_run(*, db_session: Session, run_id: int, body: RunFinish, settings: Settings) -> Run:

@@ -321,19 +321,11 @@ def _insert_sqlite(db_session: Session, run_id: int, columns: Columns) -> tuple[
 # (:func:`settle_points`), so a read never misses a point whose post was answered.
 
 _QUEUE_LOCK = 0x6F707131  # advisory lock class of "moving run X's queued batches"
-_QUEUE_INSERT = (
-    "INSERT INTO metric_batch_queue (run_id, metric_ids, first_step, last_step, points, payload)"
-    " VALUES (%s, %s::int4[], %s, %s, %s, %s)"
-)
 
 
-def enqueue(*, db_session: Session, run_id: int, columns: Columns) -> None:
-    """Queue ``columns`` (none of them stored or queued yet) in the caller's transaction."""
-    payload = columns.metric_ids.tobytes() + columns.steps.tobytes() + columns.values.tobytes()
-    mids = "{" + ",".join(map(str, np.unique(columns.metric_ids).tolist())) + "}"
-    first, last = int(columns.steps.min()), int(columns.steps.max())
-    raw = driver_connection(db_session)
-    raw.execute(_QUEUE_INSERT, (run_id, mids, first, last, len(columns), payload), prepare=True)
+def queue_payload(columns: Columns) -> bytes:
+    """The bytes of a ``metric_batch_queue`` row: metric ids, steps, values (native order)."""
+    return columns.metric_ids.tobytes() + columns.steps.tobytes() + columns.values.tobytes()
 
 
 def _queued(points: int, payload: bytes) -> Columns:
@@ -354,40 +346,48 @@ def move_queued(engine: Engine, run_id: int | None = None, batches: int = 20) ->
     """
     if engine.dialect.name != "postgresql":
         return 0
-    moved = 0
     with Session(engine) as db:
-        if run_id is None:
-            sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
-            runs = [r for (r,) in driver_connection(db).execute(sql)]
-            db.commit()
-        else:
-            runs = [run_id]
-        for run in runs:
-            while True:
-                # The session hands its connection back at each commit: take it anew.
-                raw = driver_connection(db)
-                if run_id is None:
-                    sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
-                    if not raw.execute(sql, (_QUEUE_LOCK, run)).fetchone()[0]:
-                        db.rollback()
-                        break  # another mover has it
-                else:
-                    raw.execute("SELECT pg_advisory_xact_lock(%s, %s)", (_QUEUE_LOCK, run))
-                rows = raw.execute(
-                    "SELECT id, points, payload FROM metric_batch_queue WHERE run_id = %s "
-                    "ORDER BY id LIMIT %s",
-                    (run, batches),
-                ).fetchall()
-                if rows:
-                    parts = [_queued(points, payload) for _, points, payload in rows]
-                    columns = Columns.concat(parts)  # already off the request path:
-                    write_columns(db_session=db, run_id=run, columns=columns, defer_rollups=False)
-                    ids = [id_ for id_, _, _ in rows]
+        if run_id is not None:
+            return _move_runs(db, [run_id], wait=True, batches=batches)
+        sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
+        runs = [r for (r,) in driver_connection(db).execute(sql)]
+        db.commit()
+        return _move_runs(db, runs, wait=False, batches=batches)
+
+
+_CLAIM = """
+    WITH turn AS ({lock})
+    SELECT id, points, payload FROM metric_batch_queue, turn
+    WHERE turn.mine AND run_id = %(run)s ORDER BY id LIMIT %(batches)s
+"""
+# Waiting for any other mover of the run (the function returns void), or skipping the run.
+_CLAIM_WAITING = _CLAIM.format(
+    lock="SELECT true AS mine FROM (SELECT pg_advisory_xact_lock(%(class)s, %(run)s)) AS held"
+)
+_CLAIM_SKIPPING = _CLAIM.format(lock="SELECT pg_try_advisory_xact_lock(%(class)s, %(run)s) AS mine")
+
+
+def _move_runs(db: Session, runs: Sequence[int], wait: bool, batches: int) -> int:
+    """Move the queues of ``runs`` in ``db``, a transaction per round of each run."""
+    moved = 0
+    for run in runs:
+        while True:
+            # The session hands its connection back at each commit: take it anew.
+            raw = driver_connection(db)
+            params = {"class": _QUEUE_LOCK, "run": run, "batches": batches}
+            rows = raw.execute(_CLAIM_WAITING if wait else _CLAIM_SKIPPING, params).fetchall()
+            if rows:  # none: the queue is empty, or another mover has the run
+                parts = [_queued(points, payload) for _, points, payload in rows]
+                columns = Columns.concat(parts)  # already off the request path:
+                write_columns(db_session=db, run_id=run, columns=columns, defer_rollups=False)
+                ids = [id_ for id_, _, _ in rows]
+                with raw.pipeline():
                     raw.execute("DELETE FROM metric_batch_queue WHERE id = ANY(%s)", (ids,))
-                db.commit()
-                moved += len(rows)
-                if len(rows) < batches:
-                    break
+                    raw.commit()
+            db.commit()
+            moved += len(rows)
+            if len(rows) < batches:
+                break
     return moved
 
 
@@ -404,6 +404,12 @@ def settle_points(db_session: Session, run_id: int) -> None:
     sql = "SELECT EXISTS (SELECT 1 FROM metric_batch_queue WHERE run_id = %s)"
     if raw.execute(sql, (run_id,)).fetchone()[0]:
         move_queued(engine, run_id)
+
+
+_WORK = (
+    "SELECT ARRAY(SELECT DISTINCT run_id FROM metric_batch_queue),"
+    " EXISTS (SELECT 1 FROM metric_rollup_pending)"
+)
 
 
 class DeferredWriter:
@@ -440,8 +446,12 @@ class DeferredWriter:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
-                move_queued(self.engine)
-                merge_pending(self.engine)
+                with Session(self.engine) as db:
+                    runs, pending = driver_connection(db).execute(_WORK).fetchone()
+                    db.commit()
+                    _move_runs(db, runs, wait=False, batches=20)
+                if pending:
+                    merge_pending(self.engine)
             except Exception:  # the next wake-up retries; writers are never affected
                 log.exception("moving queued metric batches or merging rollups failed")
                 time.sleep(1.0)

@@ -25,7 +25,6 @@ from api.schemas import MetricNames, MetricsPage
 from api.sessions import CommittedSessionDep as SessionDep
 from services import history
 from services import runs as run_service
-from services.db import session_scope
 from services.errors import FieldError, NotFound, SpecError
 from services.exports import ParquetUnavailable, csv_chunks, parquet_file
 from services.external_runs import MetricBatchIn, log_batch
@@ -232,8 +231,7 @@ def _log(
             ]
         )
     series = batch.as_series()
-    with session_scope(sessions) as db:  # committed before the response, like CommittedSessionDep
-        stored = log_batch(db_session=db, run_id=run_id, series=series)
+    stored = log_batch(sessions=sessions, run_id=run_id, series=series)  # committed
     committed()
     return BatchStored(received=received, stored=stored)
 

@@ -389,8 +389,7 @@ def test_rest_batches_are_queued_then_moved_in_order_and_reads_never_miss_them(
     run_id = new_run(sessions)
 
     def post(points: dict[str, tuple[list[int], list[float]]]) -> int:
-        with session_scope(sessions) as db:
-            return log_batch(db_session=db, run_id=run_id, series=points)
+        return log_batch(sessions=sessions, run_id=run_id, series=points)
 
     def count(table: str) -> int:
         with session_scope(sessions) as db:
