@@ -392,18 +392,21 @@ def _move_runs(db: Session, runs: Sequence[int], wait: bool, batches: int) -> in
 
 
 def settle_points(db_session: Session, run_id: int) -> None:
-    """Move what is queued of ``run_id`` before it is read (once per session; PostgreSQL)."""
+    """Move what is queued of ``run_id`` before it is read (PostgreSQL).
+
+    The queue is read once per session (it is small: batches live there for milliseconds),
+    so a read of a sweep's many runs costs one query, not one per run.
+    """
     engine = db_session.get_bind()
     if not isinstance(engine, Engine) or engine.dialect.name != "postgresql":
         return
-    settled = db_session.info.setdefault("settled_runs", set())
-    if run_id in settled:
-        return
-    settled.add(run_id)
-    raw = driver_connection(db_session)
-    sql = "SELECT EXISTS (SELECT 1 FROM metric_batch_queue WHERE run_id = %s)"
-    if raw.execute(sql, (run_id,)).fetchone()[0]:
+    if "queued_runs" not in db_session.info:
+        sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
+        db_session.info["queued_runs"] = {r for (r,) in driver_connection(db_session).execute(sql)}
+    queued: set[int] = db_session.info["queued_runs"]
+    if run_id in queued:
         move_queued(engine, run_id)
+        queued.discard(run_id)
 
 
 _WORK = (
