@@ -207,3 +207,23 @@ def test_malformed_series_batches_get_422_naming_the_field_and_store_nothing(
     response = problem(client.post(f"{V1}/runs/{run_id}/metrics", json=body), 422)
     assert field in {e["field"] for e in response["errors"]}, response["errors"]
     assert every_point(client, run_id) == []
+
+
+def test_an_unexpected_failure_is_a_500_problem_without_a_trace_and_the_next_post_works(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ingestion fast path answers errors like every route: problem+json, no traceback."""
+    import api.routes.metrics as routes
+
+    run_id = external_run(client)
+    real = routes.log_batch
+
+    def broken(**_: Any) -> int:
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(routes, "log_batch", broken)
+    body = {"series": [{"metric": "a", "steps": [0], "values": [1.0]}]}
+    failed = problem(client.post(f"{V1}/runs/{run_id}/metrics", json=body), 500)
+    assert "secret" not in failed["detail"] and "Traceback" not in str(failed)
+    monkeypatch.setattr(routes, "log_batch", real)
+    assert client.post(f"{V1}/runs/{run_id}/metrics", json=body).json()["stored"] == 1
