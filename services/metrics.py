@@ -1,13 +1,19 @@
 """Metric ingestion: one statement per batch, idempotent on (run, metric, step).
 
-A re-sent point is ignored and the first stored value wins, so a retried batch never doubles
-anything. On PostgreSQL a batch is one binary ``COPY`` straight into ``metric`` inside a
-savepoint (the common case: none of its points is stored yet), falling back to ``INSERT …
+A batch is :class:`Columns` (metric ids, steps, values as numpy arrays, sorted by key, each key
+once), so the COPY payload and the rollup summaries are built without a Python object per
+point. A re-sent point is ignored and the first stored value wins, so a retried batch never
+doubles anything. On PostgreSQL a batch is one binary ``COPY`` straight into ``metric`` inside
+a savepoint (the common case: none of its points is stored yet), falling back to ``INSERT …
 SELECT FROM unnest(…) ON CONFLICT DO NOTHING`` when some are; on SQLite it is one
 ``executemany`` of ``INSERT … ON CONFLICT DO NOTHING``. Either way it runs in the caller's
-transaction together with the merge of the new points into the min/max rollups
-(``services/rollups.py``). Rows go in key order, so concurrent writers of overlapping batches
-wait for each other instead of deadlocking.
+transaction together with the batch's min/max rollups (``services/rollups.py``: upserted on
+SQLite, left pending for the background merger on PostgreSQL). Rows go in key order, so
+concurrent writers of overlapping batches wait for each other instead of deadlocking.
+
+Batches posted over REST on PostgreSQL are written behind (see the section below): committed
+as one queue row, moved into ``metric`` by :class:`DeferredWriter`, and moved by any read of
+their run first.
 
 Names are normalized into ``metric_name`` (ids cached per engine). NaN is stored as NULL
 (SQLite cannot hold NaN); ±inf as they are. In JSON, non-finite values are the strings
