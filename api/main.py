@@ -24,7 +24,7 @@ from api.routes import (
     streams,
     sweeps,
 )
-from services.db import make_engine, make_sessionmaker
+from services.db import dispose, make_engine, make_sessionmaker
 from services.manifest import package_version
 from services.metrics import DeferredWriter
 from services.settings import Settings, get_settings
@@ -62,7 +62,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
             ray_cluster.disconnect()
         await asyncio.to_thread(app.state.deferred.stop)
-        engine.dispose()
+        dispose(engine)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

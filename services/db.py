@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -23,7 +25,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def make_engine(url: str, idle_ping_s: float = 1.0) -> Engine:
+def make_engine(
+    url: str, idle_ping_s: float = 1.0, pool_size: int = 20, max_overflow: int = 20
+) -> Engine:
     """An engine for ``url``; creates the SQLite file's directory; PostgreSQL via psycopg 3,
     with a liveness check of connections idle for more than ``idle_ping_s`` seconds."""
     parsed = make_url(url)
@@ -36,10 +40,37 @@ def make_engine(url: str, idle_ping_s: float = 1.0) -> Engine:
     if parsed.drivername == "postgresql":
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     # The pool is sized with FastAPI's 40-thread pool in mind (PITFALLS.md).
-    engine = create_engine(url, pool_size=20, max_overflow=20)
+    engine = create_engine(url, pool_size=pool_size, max_overflow=max_overflow)
     event.listen(engine, "checkin", _checked_in)
     event.listen(engine, "checkout", partial(_ping_if_idle, engine.dialect, idle_ping_s))
     return engine
+
+
+_side_engines: weakref.WeakKeyDictionary[Engine, Engine] = weakref.WeakKeyDictionary()
+_side_lock = threading.Lock()
+
+
+def side_engine(engine: Engine) -> Engine:
+    """A small second pool on ``engine``'s database, for work a holder of one of ``engine``'s
+    connections starts on the side (moving queued metric batches, merging rollups before a
+    read). Drawing that second connection from the same pool could exhaust it: every one of
+    40 request threads holding one connection and waiting for another. Side connections never
+    wait for the main pool, so the wait is always bounded."""
+    with _side_lock:
+        side = _side_engines.get(engine)
+        if side is None:
+            url = engine.url.render_as_string(hide_password=False)
+            side = _side_engines[engine] = make_engine(url, pool_size=2, max_overflow=8)
+        return side
+
+
+def dispose(engine: Engine) -> None:
+    """Close ``engine``'s pooled connections and those of its side pool, if it has one."""
+    with _side_lock:
+        side = _side_engines.pop(engine, None)
+    if side is not None:
+        side.dispose()
+    engine.dispose()
 
 
 def _checked_in(_dbapi_conn: Any, record: Any) -> None:

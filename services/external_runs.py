@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Literal, cast
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypedDict
 
@@ -31,7 +31,7 @@ from services.metrics import (
     NAME_PATTERN,
     Series,
     columns_of,
-    move_queued,
+    move_round,
     queue_payload,
     write_columns,
 )
@@ -270,6 +270,7 @@ def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
 
 
 _LOCK_RUN = "SELECT external, status FROM run WHERE id = %s FOR NO KEY UPDATE"
+MAX_ID = 2**31 - 1  # run ids are 32-bit integers
 # Queue the batch unless the run takes no metrics or some point of it may be stored or queued
 # already (an index probe of each for the batch's metrics and step range). Never prepared: a
 # generic plan made while the tables were small would scan them.
@@ -292,10 +293,13 @@ def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -
 
     PostgreSQL: batches of a run take turns (a row lock on the run, which a finish waits for
     too). A batch none of whose points is stored or queued, the usual case, is queued
-    (write-behind, ``services/metrics.py``): the lock, the checked insert and the commit go to
-    the server in one round trip. A batch that overlaps is written directly, after the run's
-    queue is moved, so that the first of a point posted twice counts.
+    (write-behind, ``services/metrics.py``): the lock and the checked insert go to the server
+    in one round trip, the commit in a second. A batch that overlaps is written directly in
+    the same transaction, after the run's queue is moved, so that the first of a point posted
+    twice counts and ``stored`` is exact.
     """
+    if not 0 < run_id <= MAX_ID:
+        raise NotFound(f"run {run_id} does not exist")
     with session_scope(sessions) as db:
         columns = columns_of(db_session=db, series=series)
         if db.get_bind().dialect.name != "postgresql":
@@ -315,21 +319,16 @@ def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -
             "payload": queue_payload(columns),
             "final": "{" + ",".join(sorted(FINAL_STATUSES)) + "}",
         }
-        # Names this batch created must not outlive a refusal: then the commit waits.
-        created_names = bool(db.info.get("created_metric_names"))
-        with raw.pipeline():
+        with raw.pipeline():  # the lock and the checked insert in one round trip
             lock = raw.execute(_LOCK_RUN, (run_id,), prepare=True)
             queued = raw.execute(_ENQUEUE_UNLESS_OVERLAP, params, prepare=False)
-            if not created_names:
-                raw.commit()  # nothing is queued for a run that takes no metrics
         _check_writable(run_id, lock.fetchone())
         if queued.rowcount == 1:
             return len(columns)
-    # Overlaps what is stored or queued: move the run's queue (other transactions, while this
-    # one holds the run), then write the batch here.
-    with session_scope(sessions) as db:
-        _check_writable(run_id, _run_state(db, run_id, lock=True))
-        move_queued(cast(Engine, db.get_bind()), run_id)
+        # Overlaps what is stored or queued. Still holding the run (so no later batch can slip
+        # in between), move its queue and write the batch in this same transaction.
+        while move_round(db, run_id, wait=True) > 0:
+            pass
         return write_columns(db_session=db, run_id=run_id, columns=columns)
 
 

@@ -38,7 +38,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from services.db import driver_connection
+from services.db import driver_connection, side_engine
 from services.models import MetricName
 from services.rollups import Row, merge_pending, merge_rollups
 
@@ -352,7 +352,7 @@ def move_queued(engine: Engine, run_id: int | None = None, batches: int = 20) ->
     """
     if engine.dialect.name != "postgresql":
         return 0
-    with Session(engine) as db:
+    with Session(side_engine(engine)) as db:
         if run_id is not None:
             return _move_runs(db, [run_id], wait=True, batches=batches)
         sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
@@ -378,23 +378,28 @@ def _move_runs(db: Session, runs: Sequence[int], wait: bool, batches: int) -> in
     moved = 0
     for run in runs:
         while True:
-            # The session hands its connection back at each commit: take it anew.
-            raw = driver_connection(db)
-            params = {"class": _QUEUE_LOCK, "run": run, "batches": batches}
-            rows = raw.execute(_CLAIM_WAITING if wait else _CLAIM_SKIPPING, params).fetchall()
-            if rows:  # none: the queue is empty, or another mover has the run
-                parts = [_queued(points, payload) for _, points, payload in rows]
-                columns = Columns.concat(parts)  # already off the request path:
-                write_columns(db_session=db, run_id=run, columns=columns, defer_rollups=False)
-                ids = [id_ for id_, _, _ in rows]
-                with raw.pipeline():
-                    raw.execute("DELETE FROM metric_batch_queue WHERE id = ANY(%s)", (ids,))
-                    raw.commit()
+            count = move_round(db, run, wait=wait, batches=batches)
             db.commit()
-            moved += len(rows)
-            if len(rows) < batches:
+            moved += count
+            if count < batches:  # fewer: the queue is empty, or another mover has the run
                 break
     return moved
+
+
+def move_round(db: Session, run_id: int, wait: bool = True, batches: int = 20) -> int:
+    """Move up to ``batches`` of ``run_id``'s queued batches in ``db``'s transaction, which
+    then holds the run's mover lock until it ends; how many. The caller commits."""
+    # The session hands its connection back at each commit: take it anew.
+    raw = driver_connection(db)
+    params = {"class": _QUEUE_LOCK, "run": run_id, "batches": batches}
+    rows = raw.execute(_CLAIM_WAITING if wait else _CLAIM_SKIPPING, params).fetchall()
+    if rows:
+        parts = [_queued(points, payload) for _, points, payload in rows]
+        columns = Columns.concat(parts)  # off the request path: rollups merged at once
+        write_columns(db_session=db, run_id=run_id, columns=columns, defer_rollups=False)
+        ids = [id_ for id_, _, _ in rows]
+        raw.execute("DELETE FROM metric_batch_queue WHERE id = ANY(%s)", (ids,))
+    return len(rows)
 
 
 def settle_points(db_session: Session, run_id: int) -> None:
@@ -411,7 +416,7 @@ def settle_points(db_session: Session, run_id: int) -> None:
         db_session.info["queued_runs"] = {r for (r,) in driver_connection(db_session).execute(sql)}
     queued: set[int] = db_session.info["queued_runs"]
     if run_id in queued:
-        move_queued(engine, run_id)
+        move_queued(engine, run_id)  # on the side pool: see services.db.side_engine
         queued.discard(run_id)
 
 
@@ -455,7 +460,7 @@ class DeferredWriter:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
-                with Session(self.engine) as db:
+                with Session(side_engine(self.engine)) as db:
                     runs, pending = driver_connection(db).execute(_WORK).fetchone()
                     db.commit()
                     _move_runs(db, runs, wait=False, batches=20)

@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from services.db import driver_connection
+from services.db import driver_connection, side_engine
 from services.models import Metric, MetricRollup
 
 if TYPE_CHECKING:
@@ -253,7 +253,7 @@ def merge_pending(engine: Engine, run_id: int | None = None, limit: int = 200) -
     if engine.dialect.name != "postgresql":
         return 0
     merged = 0
-    with engine.connect() as conn:
+    with side_engine(engine).connect() as conn:
         while True:
             with conn.begin():
                 sql = _MERGE_ALL if run_id is None else _MERGE_RUN

@@ -425,3 +425,25 @@ def test_rest_batches_are_queued_then_moved_in_order_and_reads_never_miss_them(
     )
     assert_rollups_match_points(sessions, run_id)
     engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_read_that_moves_queued_batches_needs_no_second_connection_from_its_pool(
+    pg_migrated_url: str,
+) -> None:
+    """With a pool of one connection, held by the reading session, the read still moves the
+    run's queue (on the side pool) instead of waiting for a second connection forever."""
+    engine = make_engine(pg_migrated_url, pool_size=1, max_overflow=0)
+    sessions = make_sessionmaker(engine)
+    run_id = new_run(sessions)
+    assert log_batch(sessions=sessions, run_id=run_id, series={"x": ([0, 1], [1.0, 2.0])}) == 2
+    with session_scope(sessions) as db:
+        queued = db.scalar(
+            text("SELECT count(*) FROM metric_batch_queue WHERE run_id = :r"), {"r": run_id}
+        )
+        assert queued == 1
+        (x,) = history.read_page(
+            db_session=db, run_id=run_id, names=None, start=None, end=None, after=None, limit=10
+        )
+    assert x.points == [(0, 1.0), (1, 2.0)]
+    engine.dispose()
