@@ -293,10 +293,10 @@ def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -
 
     PostgreSQL: batches of a run take turns (a row lock on the run, which a finish waits for
     too). A batch none of whose points is stored or queued, the usual case, is queued
-    (write-behind, ``services/metrics.py``): the lock and the checked insert go to the server
-    in one round trip, the commit in a second. A batch that overlaps is written directly in
-    the same transaction, after the run's queue is moved, so that the first of a point posted
-    twice counts and ``stored`` is exact.
+    (write-behind, ``services/metrics.py``): the lock, the checked insert and the commit go to
+    the server in one round trip. A batch that overlaps is written directly, under the run's
+    lock, after the run's queue is moved, so that of a point posted twice the first stored
+    counts and ``stored`` is exact.
     """
     if not 0 < run_id <= MAX_ID:
         raise NotFound(f"run {run_id} does not exist")
@@ -319,14 +319,23 @@ def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -
             "payload": queue_payload(columns),
             "final": "{" + ",".join(sorted(FINAL_STATUSES)) + "}",
         }
-        with raw.pipeline():  # the lock and the checked insert in one round trip
+        # Names this batch created must not outlive a refusal: then the commit waits.
+        commit_now = not db.info.get("created_metric_names")
+        with raw.pipeline():  # the lock, the checked insert and the commit: one round trip
             lock = raw.execute(_LOCK_RUN, (run_id,), prepare=True)
             queued = raw.execute(_ENQUEUE_UNLESS_OVERLAP, params, prepare=False)
+            if commit_now:
+                raw.commit()  # nothing is queued for a run that takes no metrics
         _check_writable(run_id, lock.fetchone())
         if queued.rowcount == 1:
             return len(columns)
-        # Overlaps what is stored or queued. Still holding the run (so no later batch can slip
-        # in between), move its queue and write the batch in this same transaction.
+    # Overlaps what is stored or queued (rare: a re-sent batch). Write it in a transaction of
+    # its own that holds the run, after moving the run's queue in that same transaction. A
+    # batch queued in between was posted while this one had no answer yet: the two are
+    # concurrent, and storing that one first is one of their valid orders (``stored`` counts
+    # agree with it).
+    with session_scope(sessions) as db:
+        _check_writable(run_id, _run_state(db, run_id, lock=True))
         while move_round(db, run_id, wait=True) > 0:
             pass
         return write_columns(db_session=db, run_id=run_id, columns=columns)
