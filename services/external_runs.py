@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from typing_extensions import TypedDict
 
-from services.db import driver_connection, session_scope
+from services.db import array_literal, driver_connection, session_scope
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.manifest import base_manifest
 from services.metrics import (
@@ -271,6 +271,7 @@ def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
 
 _LOCK_RUN = "SELECT external, status FROM run WHERE id = %s FOR NO KEY UPDATE"
 MAX_ID = 2**31 - 1  # run ids are 32-bit integers
+_FINAL = "{" + ",".join(sorted(FINAL_STATUSES)) + "}"  # a text[] literal
 # Queue the batch unless the run takes no metrics or some point of it may be stored or queued
 # already (an index probe of each for the batch's metrics and step range). Never prepared: a
 # generic plan made while the tables were small would scan them.
@@ -312,12 +313,12 @@ def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -
         raw = driver_connection(db)
         params = {
             "run": run_id,
-            "mids": "{" + ",".join(map(str, np.unique(columns.metric_ids).tolist())) + "}",
+            "mids": array_literal(np.unique(columns.metric_ids).tolist()),
             "first": int(columns.steps.min()),
             "last": int(columns.steps.max()),
             "points": len(columns),
             "payload": queue_payload(columns),
-            "final": "{" + ",".join(sorted(FINAL_STATUSES)) + "}",
+            "final": _FINAL,
         }
         # Names this batch created must not outlive a refusal: then the commit waits.
         commit_now = not db.info.get("created_metric_names")

@@ -343,22 +343,17 @@ def _queued(points: int, payload: bytes) -> Columns:
     )
 
 
-def move_queued(engine: Engine, run_id: int | None = None, batches: int = 20) -> int:
-    """Move queued batches into ``metric`` (of ``run_id`` only, waiting for any mover of it;
-    else of every run no other mover holds); how many batches. No-op on SQLite.
+def move_queued(engine: Engine, run_id: int, batches: int = 20) -> int:
+    """Move ``run_id``'s queued batches into ``metric``, waiting for any other mover of the run;
+    how many batches. No-op on SQLite.
 
-    Each transaction moves up to ``batches`` batches of one run as one COPY (the first of a
-    point posted twice counts, as if written in turn) and deletes them.
+    Each transaction moves up to ``batches`` batches as one COPY (the first of a point posted
+    twice counts, as if written in turn) and deletes them.
     """
     if engine.dialect.name != "postgresql":
         return 0
     with Session(side_engine(engine)) as db:
-        if run_id is not None:
-            return _move_runs(db, [run_id], wait=True, batches=batches)
-        sql = "SELECT DISTINCT run_id FROM metric_batch_queue"
-        runs = [r for (r,) in driver_connection(db).execute(sql)]
-        db.commit()
-        return _move_runs(db, runs, wait=False, batches=batches)
+        return _move_runs(db, [run_id], wait=True, batches=batches)
 
 
 _CLAIM = """

@@ -30,7 +30,7 @@ import numpy as np
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from services.db import driver_connection, side_engine
+from services.db import array_literal, driver_connection, side_engine
 from services.models import Metric, MetricRollup
 
 if TYPE_CHECKING:
@@ -159,14 +159,6 @@ _UPSERT_SQLITE = (
 )
 
 
-def _array_literal(column: list[Any]) -> str:
-    """A PostgreSQL array literal: passed as text, it costs psycopg far less than a list.
-
-    ``repr`` of a float reads back exactly; ``inf`` and ``-inf`` are valid float8 input.
-    """
-    return "{" + ",".join("NULL" if v is None else repr(v) for v in column) + "}"
-
-
 _PENDING_INSERT = (
     "INSERT INTO metric_rollup_pending (run_id, metric_ids, levels, buckets, min_steps, "
     "min_values, max_steps, max_values) VALUES (%s, %s::int4[], %s::int2[], %s::int8[], "
@@ -194,7 +186,7 @@ def merge_rollups(
                 column.append(value)
         raw = driver_connection(db_session)
         with raw.cursor() as cur:
-            params = (run_id, *(_array_literal(column) for column in table))
+            params = (run_id, *(array_literal(column) for column in table))
             # Prepared: planning either statement costs more than running it on a batch.
             cur.execute(_PENDING_INSERT if defer else _UPSERT_POSTGRESQL, params, prepare=True)
     else:

@@ -212,7 +212,7 @@ def _log(
     settings: Settings,
     run_id: int,
     body: bytes,
-    committed: Callable[[], None] = lambda: None,
+    committed: Callable[[], None],
 ) -> BatchStored:
     try:  # JSON parsed and validated in one pass (pydantic-core), not json.loads then pydantic
         batch = MetricBatchIn.model_validate_json(body)
