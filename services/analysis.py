@@ -30,27 +30,24 @@ from sqlalchemy.orm import Session
 from services import history
 from services.fits import fit_line
 from services.models import Run
-from worker.baseline import PREDICTED_LOSS
-from worker.metrics import GRAM_H_CHANGE, GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS, NTK_CHANGE
+from worker.metric_names import (
+    DUPLICATE_PAIRS,
+    GENERALIZATION,
+    GRAM_H_CHANGE,
+    GRAM_H_MIN,
+    LAMBDA0,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
+    LAYER_METRICS,
+    LOSS,
+    NTK_CHANGE,
+    PARALLEL_PAIRS,
+    PREDICTED_LOSS,
+    RUN_LR,
+    Y_HINV_Y,
+)
 
 ANALYSIS_VERSION = 1
-# Per-run constants the worker reports at step 0 (worker/baseline.py writes these names).
-LAMBDA0 = "theory/lambda0"
-Y_HINV_Y = "theory/y_Hinv_y"
-GENERALIZATION = "theory/generalization_bound"
-RUN_LR = "run/lr"
-PARAMETER_COUNT = "run/parameter_count"
-DUPLICATE_PAIRS = "data/duplicate_pairs"
-PARALLEL_PAIRS = "data/parallel_pairs"
-# Per-layer laziness metrics (worker/metrics.py: LayerDistance.points, pattern flips in train).
-LAYER_METRICS = {
-    "weight_dist": "weight_dist/",
-    "weight_dist_rel": "weight_dist_rel/",
-    "weight_dist_per_sqrt_m": "weight_dist_per_sqrt_m/",
-    "neuron_dist_max": "neuron_dist_max/",
-    "pattern_flips": "pattern_flips/",
-}
-
 LATE_FRACTION = 0.5  # the rate is fitted over the last half of the pre-floor steps
 LOSS_FLOOR = 1e-12  # relative to L(0): below it float rounding, not GD, sets the curve
 DEFAULT_RELATIVE_THRESHOLD = 1e-3  # steps to reach 10⁻³ · L(0) when the config sets none

@@ -35,7 +35,7 @@ from services.runs import cancel_requested_ids, claim_runs, queued_runs, transit
 from services.settings import Settings
 from worker.config import RunConfig
 from worker.events import Event, MetricBatch, RunFinished, RunStarted
-from worker.train import LAMBDA_MIN, LOSS
+from worker.metric_names import LAMBDA_MIN, LOSS
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services import history
-from services.analysis import LAMBDA0, LAYER_METRICS, layer_names
+from services.analysis import layer_names
 from services.errors import NotFound
 from services.models import Run
 from services.runs import get_run, get_sweep
@@ -37,8 +37,7 @@ from services.sweep_analysis import (
     sweep_records,
     swept_parameters,
 )
-from worker.baseline import PREDICTED_LOSS
-from worker.metrics import GRAM_H_MIN, LAMBDA_MIN, LOSS
+from worker.metric_names import GRAM_H_MIN, LAMBDA0, LAMBDA_MIN, LAYER_METRICS, LOSS, PREDICTED_LOSS
 
 SWEEP_KINDS: tuple[str, ...] = ("loss", "lambda_min", "scaling", "movement")
 RUN_KINDS: tuple[str, ...] = ("loss", "lambda_min", "movement")

@@ -30,10 +30,11 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.analysis import LAYER_METRICS, run_analysis
+from services.analysis import run_analysis
 from services.fits import fit_line, fit_power_law
 from services.models import Run
 from services.runs import get_sweep
+from worker.metric_names import LAYER_METRICS
 
 SEED_KEYS = ("seed", "data.seed")
 AXES = ("arch", "width", "depth", "activation", "data.label_noise", "data.labels", "data.n", "lr")

@@ -15,18 +15,17 @@ from dataclasses import dataclass
 
 import torch
 
+from worker import metric_names as catalogue
 from worker.activations import c_sigma
 from worker.config import RunConfig
 from worker.data import Dataset
 from worker.gram import layer_grams
 from worker.kernels import infinite_width_kernels
-from worker.metrics import Point, activation_pattern, spectrum_name
+from worker.metric_names import PREDICTED_LOSS, PREDICTED_LOSS_H0, spectrum_name
+from worker.metrics import Point, activation_pattern
 from worker.models import OUTPUT_LAYER, Network
 from worker.spectra import ExtremeEigenvalues
 from worker.theory import EigenDecomposition, LinearizedLossCurve
-
-PREDICTED_LOSS = "theory/predicted_loss"
-PREDICTED_LOSS_H0 = "theory/predicted_loss_h0"
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,12 @@ def measure_baseline(cfg: RunConfig, net: Network, X: torch.Tensor, data: Datase
         lr = cfg.lr
     dup = data.duplicates
     constants: list[Point] = [
-        ("run/parameter_count", 0, float(sum(w.numel() for w in net.trained_weights()))),
-        ("run/lr", 0, lr),
-        ("run/c_sigma", 0, c_sigma(cfg.activation)),
-        ("data/duplicate_pairs", 0, float(dup.duplicate_pairs)),
-        ("data/parallel_pairs", 0, float(dup.parallel_pairs)),
-        ("data/max_abs_cosine", 0, dup.max_abs_cosine),
+        (catalogue.PARAMETER_COUNT, 0, float(sum(w.numel() for w in net.trained_weights()))),
+        (catalogue.RUN_LR, 0, lr),
+        (catalogue.C_SIGMA, 0, c_sigma(cfg.activation)),
+        (catalogue.DUPLICATE_PAIRS, 0, float(dup.duplicate_pairs)),
+        (catalogue.PARALLEL_PAIRS, 0, float(dup.parallel_pairs)),
+        (catalogue.MAX_ABS_COSINE, 0, dup.max_abs_cosine),
     ]
     curves: dict[str, LinearizedLossCurve] = {}
     if cfg.theory:
@@ -100,31 +99,31 @@ def _theory(
     if residual0 is not None:
         empirical = EigenDecomposition.of(ntk0)
         curves[PREDICTED_LOSS_H0] = empirical.loss_curve(residual0)
-        points.append(("theory/h0_rate", 0, (1 - lr * float(empirical.values[0])) ** 2))
+        points.append((catalogue.H0_RATE, 0, (1 - lr * float(empirical.values[0])) ** 2))
     kernels = infinite_width_kernels(cfg, X)
     if kernels is None:
         return points, curves
     last = EigenDecomposition.of(kernels.last_hidden)
     lambda0 = float(last.values[0])  # Du's λ₀: λ_min(H^∞), or λ_min(K⁽ᴴ⁾) for deep nets
     points += [
-        ("theory/lambda0", 0, lambda0),
-        ("theory/eta_lambda0", 0, lr * lambda0),
-        ("theory/du_rate_bound", 0, 1 - lr * lambda0 / 2),
+        (catalogue.LAMBDA0, 0, lambda0),
+        (catalogue.ETA_LAMBDA0, 0, lr * lambda0),
+        (catalogue.DU_RATE_BOUND, 0, 1 - lr * lambda0 / 2),
     ]
     if kernels.ntk is None:
         return points, curves
     full = last if cfg.arch == "two_layer" else EigenDecomposition.of(kernels.ntk)
     points += [
-        ("theory/ntk_inf_lambda_min", 0, float(full.values[0])),
-        ("theory/ntk_inf_lambda_max", 0, float(full.values[-1])),
+        (catalogue.NTK_INF_MIN, 0, float(full.values[0])),
+        (catalogue.NTK_INF_MAX, 0, float(full.values[-1])),
     ]
     if cfg.spectrum_steps:
         points += [(spectrum_name("ntk_inf", i), 0, float(v)) for i, v in enumerate(full.values)]
     if residual0 is not None:
         y_Hinv_y = full.quadratic_form_inverse(y)
         points += [
-            ("theory/y_Hinv_y", 0, y_Hinv_y),
-            ("theory/generalization_bound", 0, math.sqrt(2 * y_Hinv_y / len(y))),
+            (catalogue.Y_HINV_Y, 0, y_Hinv_y),
+            (catalogue.GENERALIZATION, 0, math.sqrt(2 * y_Hinv_y / len(y))),
         ]
         curves[PREDICTED_LOSS] = full.loss_curve(residual0)
     return points, curves

@@ -2,8 +2,8 @@
 
 Laziness measures of Du et al. (ICLR 2019, ICML 2019), Lee et al. (2019) and Chizat et al.
 (2019): how far each layer moved from initialization, how many activation patterns flipped, how
-much the Gram changed. Names are stable strings (the service stores any name); the per-layer
-ones end in the layer's name: ``layer1`` … ``layerH`` for W⁽¹⁾…W⁽ᴴ⁾ and ``out`` for a.
+much the Gram changed. The names live in
+:mod:`worker.metric_names` (torch-free, shared with the service).
 """
 
 from __future__ import annotations
@@ -13,31 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.metric_names import layer_metric
+
 Point = tuple[str, int, float]
-
-# every step
-LOSS = "loss"
-RESIDUAL_NORM = "residual_norm"
-ACCURACY = "accuracy"
-GRAD_NORM = "grad_norm"
-STEP_TIME = "step_time_s"
-# every gram_every steps
-LAMBDA_MIN = "ntk_lambda_min"
-LAMBDA_MAX = "ntk_lambda_max"
-NTK_CHANGE = "ntk_rel_change"
-GRAM_H_MIN = "gram_H_lambda_min"
-GRAM_H_MAX = "gram_H_lambda_max"
-GRAM_H_CHANGE = "gram_H_rel_change"
-
-
-def gram_layer_names(layer: str) -> tuple[str, str]:
-    """Names of λ_min and λ_max of one layer's Gram (with ``gram_per_layer``)."""
-    return f"gram/{layer}/lambda_min", f"gram/{layer}/lambda_max"
-
-
-def spectrum_name(gram: str, index: int) -> str:
-    """The index-th smallest eigenvalue of ``gram`` (ntk, gram_H, ntk_inf)."""
-    return f"spectrum/{gram}/{index}"
 
 
 @dataclass(frozen=True)
@@ -51,10 +29,10 @@ class LayerDistance:
 
     def points(self, layer: str, step: int) -> list[Point]:
         return [
-            (f"weight_dist/{layer}", step, self.absolute),
-            (f"weight_dist_rel/{layer}", step, self.relative),
-            (f"weight_dist_per_sqrt_m/{layer}", step, self.per_sqrt_width),
-            (f"neuron_dist_max/{layer}", step, self.max_neuron),
+            (layer_metric("weight_dist", layer), step, self.absolute),
+            (layer_metric("weight_dist_rel", layer), step, self.relative),
+            (layer_metric("weight_dist_per_sqrt_m", layer), step, self.per_sqrt_width),
+            (layer_metric("neuron_dist_max", layer), step, self.max_neuron),
         ]
 
 

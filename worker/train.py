@@ -33,7 +33,7 @@ from worker.data import Dataset, make_dataset
 from worker.events import Event, FinalStatus, MetricBatch, RunFinished, RunStarted
 from worker.gram import layer_grams
 from worker.losses import accuracy, objective, residual_norm
-from worker.metrics import (
+from worker.metric_names import (
     ACCURACY,
     GRAD_NORM,
     GRAM_H_CHANGE,
@@ -45,18 +45,21 @@ from worker.metrics import (
     NTK_CHANGE,
     RESIDUAL_NORM,
     STEP_TIME,
+    gram_layer_names,
+    layer_metric,
+    spectrum_name,
+)
+from worker.metrics import (
     Point,
     gradient_norm,
-    gram_layer_names,
     layer_distance,
     pattern_flip_fraction,
     relative_change,
-    spectrum_name,
 )
 from worker.models import Forward, Network, build_network
 from worker.spectra import ExtremeEigenvalues, eigenvalues
 
-__all__ = ["LAMBDA_MAX", "LAMBDA_MIN", "LOSS", "train"]
+__all__ = ["train"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -250,5 +253,7 @@ def _weight_points(
     for name, current, initial in layers:
         points += layer_distance(current, initial, cfg.width).points(name, step)
     for name, preact, pattern in zip(net.layer_names, fwd.preacts, baseline.patterns, strict=False):
-        points.append((f"pattern_flips/{name}", step, pattern_flip_fraction(preact, pattern)))
+        points.append(
+            (layer_metric("pattern_flips", name), step, pattern_flip_fraction(preact, pattern))
+        )
     return points

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from services.errors import NotFound
-from worker.metrics import LAMBDA_MIN, LOSS
+from worker.metric_names import LAMBDA_MIN, LOSS
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 

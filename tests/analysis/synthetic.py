@@ -25,8 +25,8 @@ from services.analysis import LAMBDA0, LAYER_METRICS, RUN_LR, Y_HINV_Y
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.metrics import write_points
 from services.runs import transition
-from worker.baseline import PREDICTED_LOSS
-from worker.metrics import LAMBDA_MAX, LAMBDA_MIN, LOSS, NTK_CHANGE, LayerDistance, Point
+from worker.metric_names import LAMBDA_MAX, LAMBDA_MIN, LOSS, NTK_CHANGE, PREDICTED_LOSS
+from worker.metrics import LayerDistance, Point
 
 WIDTHS = (64, 256, 1024)
 SEEDS = (0, 1, 2)

@@ -24,7 +24,7 @@ from tests.analysis.synthetic import (
     fill_width_sweep,
     run_points,
 )
-from worker.metrics import LOSS, NTK_CHANGE
+from worker.metric_names import LOSS, NTK_CHANGE
 
 LAZINESS = [
     LAYER_METRICS[key] + "layer1" for key in ("neuron_dist_max", "weight_dist_rel", "pattern_flips")

@@ -17,7 +17,7 @@ from services.analysis import (
     analyze_run,
     late_phase,
 )
-from worker.metrics import GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS
+from worker.metric_names import GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS
 
 CONFIG: dict[str, Any] = {
     "arch": "two_layer",

@@ -20,7 +20,7 @@ from client.client import MetricPoints, OverparamClient, OverparamError, parse_s
 from services.migrate import upgrade
 from tests.analysis.synthetic import SEEDS, WIDTHS, Store, create_sweep, fill_width_sweep
 from tests.conftest import make_settings
-from worker.metrics import LAMBDA_MIN, LOSS
+from worker.metric_names import LAMBDA_MIN, LOSS
 
 RUNS = len(WIDTHS) * len(SEEDS)
 

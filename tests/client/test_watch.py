@@ -24,14 +24,14 @@ from client.client import ServerEvent
 from services.migrate import upgrade
 from tests.analysis.synthetic import SPEC, Store, create_sweep, live_server, run_points
 from tests.conftest import make_settings
-from worker import metrics
+from worker import metric_names
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 OVERPARAM = Path(sys.executable).with_name("overparam")
 
 
 def test_the_streamed_names_are_the_workers() -> None:
-    assert (watch.LOSS, watch.LAMBDA_MIN) == (metrics.LOSS, metrics.LAMBDA_MIN)
+    assert (watch.LOSS, watch.LAMBDA_MIN) == (metric_names.LOSS, metric_names.LAMBDA_MIN)
 
 
 def render(progress: watch.Progress) -> str:

@@ -27,7 +27,7 @@ from tests.analysis.synthetic import (
 )
 from tests.conftest import make_settings
 from tests.dashboard.browser import Browser, chromium_path
-from worker.metrics import LAMBDA_MIN, LOSS
+from worker.metric_names import LAMBDA_MIN, LOSS
 
 INK = """(() => {
   const canvas = document.querySelector('%s canvas');

@@ -9,7 +9,7 @@ import pytest
 from worker.checkpoint import CHECKPOINT_FILE, PREVIOUS_FILE, load_checkpoint
 from worker.config import DataConfig, RunConfig
 from worker.events import Event, MetricBatch, RunFinished, RunStarted
-from worker.metrics import STEP_TIME
+from worker.metric_names import STEP_TIME
 from worker.train import train
 
 Points = list[tuple[str, int, float]]

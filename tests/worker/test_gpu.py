@@ -9,9 +9,10 @@ from worker.config import DataConfig, RunConfig
 from worker.data import make_dataset
 from worker.events import MetricBatch
 from worker.gram import layer_grams
+from worker.metric_names import LOSS
 from worker.models import build_network
 from worker.spectra import ExtremeEigenvalues
-from worker.train import LOSS, train
+from worker.train import train
 
 pytestmark = [
     pytest.mark.gpu,

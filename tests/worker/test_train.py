@@ -9,17 +9,20 @@ import pytest
 
 from worker.config import DataConfig, RunConfig
 from worker.events import MetricBatch, RunFinished, RunStarted
-from worker.metrics import (
+from worker.metric_names import (
     ACCURACY,
     GRAD_NORM,
     GRAM_H_MIN,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
+    LOSS,
     NTK_CHANGE,
     RESIDUAL_NORM,
     STEP_TIME,
     gram_layer_names,
     spectrum_name,
 )
-from worker.train import LAMBDA_MAX, LAMBDA_MIN, LOSS, train
+from worker.train import train
 
 SMALL = RunConfig(
     width=128, data=DataConfig(n=16, d=8), steps=300, lr=0.2, gram_every=25, emit_every=40
