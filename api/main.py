@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI
 
 from api import problems
-from api.fast_ingest import MetricBatchFastPath
 from api.limits import BodySizeLimit
 from api.routes import (
     analysis,
@@ -24,10 +23,10 @@ from api.routes import (
     streams,
     sweeps,
 )
-from services.db import dispose, make_engine, make_sessionmaker
+from services.db import make_engine, make_sessionmaker
 from services.manifest import package_version
-from services.metrics import DeferredWriter
 from services.settings import Settings, get_settings
+from services.streams import Hub
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +36,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     engine = make_engine(settings.database_url)
     app.state.sessions = make_sessionmaker(engine)
-    # Moves the batches posted here into the metric table and merges their rollups
-    # (write-behind on PostgreSQL; SQLite writes them in the request).
-    app.state.deferred = DeferredWriter(engine).start()
+    app.state.hub = Hub(app.state.sessions, settings.stream_poll_s)
+    app.state.dispatcher = None
     stop = asyncio.Event()
     dispatcher_task = None
     owns_ray = False
@@ -49,7 +47,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
         await asyncio.to_thread(migrate.upgrade, settings.database_url)
         owns_ray = ray_cluster.connect(settings)
-        dispatcher = Dispatcher(settings, app.state.sessions)
+        dispatcher = app.state.dispatcher = Dispatcher(settings, app.state.sessions)
         dispatcher_task = asyncio.create_task(dispatcher.run(stop), name="dispatcher")
     try:
         yield
@@ -61,8 +59,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             from services import ray_cluster
 
             ray_cluster.disconnect()
-        await asyncio.to_thread(app.state.deferred.stop)
-        dispose(engine)
+        engine.dispose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -76,7 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
     )
     app.state.settings = settings
-    app.add_middleware(MetricBatchFastPath)  # added first: it runs inside the size limit
+    # Our own limit, not FastAPI's max_body_size: that one answers 413 in text/plain.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
     v1 = APIRouter(prefix="/api/v1")

@@ -35,26 +35,34 @@ class SweepsPublic(BaseModel):
     count: int
 
 
-class RunPublic(Public):
+class RunListed(Public):
+    """A run in a list: everything but its config and manifest (``?fields=`` adds them)."""
+
     id: int
     sweep_id: int | None
     index: int
     status: RunStatus
     attempt: int
     error: str | None
-    config: dict[str, Any]
     overrides: dict[str, Any]
     summary: dict[str, Any]
-    manifest: dict[str, Any]
     cancel_requested: bool
+    external: bool
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
     heartbeat_at: datetime | None
+    config: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+
+
+class RunPublic(RunListed):
+    config: dict[str, Any]
+    manifest: dict[str, Any]
 
 
 class RunsPublic(BaseModel):
-    data: list[RunPublic]
+    data: list[RunListed]
     count: int
 
 

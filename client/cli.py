@@ -72,7 +72,7 @@ def dispatch() -> None:
     import signal
 
     from services import ray_cluster
-    from services.db import dispose, make_engine, make_sessionmaker
+    from services.db import make_engine, make_sessionmaker
     from services.dispatcher import Dispatcher
     from services.settings import get_settings
 
@@ -91,7 +91,7 @@ def dispatch() -> None:
         try:
             await Dispatcher(settings, make_sessionmaker(engine)).run(stop)
         finally:
-            dispose(engine)
+            engine.dispose()
             ray_cluster.disconnect()
 
     asyncio.run(main())

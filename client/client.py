@@ -169,9 +169,14 @@ class OverparamClient:
         return self._call("GET", f"/runs/{run_id}")
 
     def runs(
-        self, sweep_id: int | None = None, status: str | None = None, limit: int = 1000
+        self,
+        sweep_id: int | None = None,
+        status: str | None = None,
+        limit: int = 1000,
+        fields: Sequence[str] = (),
     ) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {"limit": limit}
+        """Runs in id order; ``fields`` ("config", "manifest") adds what lists leave out."""
+        params: dict[str, Any] = {"limit": limit, "fields": list(fields)}
         if sweep_id is not None:
             params["sweep_id"] = sweep_id
         if status is not None:

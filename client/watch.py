@@ -150,7 +150,7 @@ def watch_sweep(client: OverparamClient, sweep_id: int, console: Console) -> dic
     """Show live progress until every run of the sweep is final; returns runs per state."""
     sweep = client.sweep(sweep_id)
     console.print(f"sweep {sweep['id']} ({sweep['name']}): {sweep['run_count']} runs")
-    runs = client.runs(sweep_id=sweep_id)
+    runs = client.runs(sweep_id=sweep_id, fields=["config"])
     with make_progress(console) as progress:
         watch = SweepWatch(runs, progress)
         for event in client.stream_sweep(sweep_id, names=[LOSS, LAMBDA_MIN]):

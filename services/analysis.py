@@ -387,15 +387,9 @@ def load_points(
         )
     if not names:
         return {}
-    series = history.read_downsampled(
-        db_session=db_session,
-        run_id=run_id,
-        names=names,
-        start=None,
-        end=None,
-        max_points=ANALYSIS_MAX_POINTS,
+    return history.run_series(
+        db_session=db_session, run_id=run_id, names=names, max_points=ANALYSIS_MAX_POINTS
     )
-    return {s.metric: list(s.points) for s in series}
 
 
 def run_analysis(

@@ -10,7 +10,6 @@ handling, so one failing run never affects another run or the dispatcher itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -28,8 +27,9 @@ from services.analysis import analyze_run, load_points
 from services.datasets import load_arrays
 from services.db import session_scope
 from services.leadership import Leadership
-from services.metrics import DeferredWriter, json_number, metric_ids, write_points
-from services.models import DispatcherRecord, Metric, Run, utcnow
+from services.metrics import metric_ids, write_points
+from services.models import DispatcherRecord, MetricChunk, Run, utcnow
+from services.numbers import json_number
 from services.resources import ResourceRequest, ResourceSpec, resolve
 from services.runs import cancel_requested_ids, claim_runs, queued_runs, transition
 from services.settings import Settings
@@ -157,8 +157,7 @@ class Dispatcher:
         self.leading = False
         self._last_beat = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
-        # Merges the rollups its metric batches leave pending (PostgreSQL; none on SQLite).
-        self.deferred = DeferredWriter(session_factory.kw["bind"])
+        self._wake: asyncio.Event | None = None  # set when a slot frees or runs are queued
 
     # -- Ray -------------------------------------------------------------------------------
 
@@ -194,7 +193,9 @@ class Dispatcher:
             # Batches are written in step order and re-sent points are ignored, so the stored
             # loss steps are always 0..k: their count is the first step not stored.
             stored = db.scalar(
-                select(func.count()).where(Metric.run_id == run.id, Metric.metric_id == loss_id)
+                select(func.sum(MetricChunk.count)).where(
+                    MetricChunk.run_id == run.id, MetricChunk.metric_id == loss_id
+                )
             )
             data = run.config.get("data", {})
             arrays = None
@@ -271,8 +272,6 @@ class Dispatcher:
                 progress.extra["stop_reason"] = event.reason
             run.summary = progress.as_summary()
             run.heartbeat_at = utcnow()
-        if isinstance(event, MetricBatch):
-            self.deferred.notify()
 
     def _finish(self, run_id: int, status: str, error: str | None) -> None:
         with session_scope(self.sessions) as db:
@@ -393,6 +392,7 @@ class Dispatcher:
         finally:
             self.active.pop(run_id, None)
             self.requests.pop(run_id, None)
+            self.wake()  # a slot is free
         try:
             await asyncio.to_thread(self._finish, run_id, status, error)
         except Exception:
@@ -413,19 +413,28 @@ class Dispatcher:
             return "queued", f"attempt {attempt} lost its worker: {describe_exception(exc)}"
         return "failed", f"{describe_exception(exc)} {where}"
 
+    def wake(self) -> None:
+        """Tick now: a run ended or runs were queued (call from the dispatcher's event loop)."""
+        if self._wake is not None:
+            self._wake.set()
+
     async def _sleep(self, stop: asyncio.Event) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=self.settings.poll_interval_s)
+        """Until the next tick: a wake-up, ``stop``, or the poll period (runs queued by another
+        process)."""
+        assert self._wake is not None
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(
+                waits, timeout=self.settings.poll_interval_s, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            for wait in waits:
+                wait.cancel()
+        self._wake.clear()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait to lead, dispatch until ``stop`` is set, then stop the runs and re-queue them."""
-        self.deferred.start()
-        try:
-            await self._run(stop)
-        finally:
-            await asyncio.to_thread(self.deferred.stop)
-
-    async def _run(self, stop: asyncio.Event) -> None:
+        self._wake = asyncio.Event()
         waiting_logged = False
         while not stop.is_set() and not await asyncio.to_thread(self.leadership.try_acquire):
             if not waiting_logged:

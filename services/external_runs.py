@@ -6,36 +6,25 @@ ingestion code as the dispatcher's (:func:`services.metrics.write_series`) and f
 its client. Its config is any JSON object (a script's hyper-parameters), size-capped. A
 non-external run is a one-run sweep, validated like any sweep.
 
-Metric posts and the finish race safely: the post locks the run row on PostgreSQL (so the
-finishing UPDATE waits for it), and re-reads the status after writing on SQLite (where the
-write already holds the database's write lock).
+Metric posts and the finish race safely: a post locks the run's row before it writes (so the
+finishing UPDATE waits for it, or the post sees the run finished).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Any, Literal
 
-import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import select
-from sqlalchemy.orm import Session, sessionmaker
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
-from services.db import array_literal, driver_connection, session_scope
-from services.errors import Conflict, FieldError, NotFound, SpecError
+from services.errors import Conflict, FieldError, SpecError
 from services.manifest import base_manifest
-from services.metrics import (
-    MAX_STEP,
-    NAME_PATTERN,
-    Series,
-    columns_of,
-    move_round,
-    queue_payload,
-    write_columns,
-)
+from services.metrics import MAX_STEP, NAME_PATTERN, Series, write_series
 from services.models import FINAL_STATUSES, Run, utcnow
+from services.numbers import JsonNumber, json_safe
 from services.runs import get_run, transition
 from services.settings import Settings
 from services.sweeps import SweepSpec, create_sweep
@@ -63,25 +52,6 @@ class RunFinish(BaseModel):
     status: Literal["succeeded", "diverged", "failed", "cancelled"]
     error: str | None = Field(None, max_length=10_000)
     summary: dict[str, Any] = Field(default_factory=dict)
-
-
-_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-
-
-def _number(value: Any) -> float:
-    """A JSON number or one of the three strings (and never a boolean)."""
-    kind = type(value)
-    if kind is float:
-        return float(value)
-    if kind is int:
-        return float(value)
-    if kind is str and value in _SPECIAL:
-        return _SPECIAL[value]
-    raise ValueError('a number, "NaN", "Infinity" or "-Infinity"')
-
-
-# A validator (not a union) so that a bad value is one error, not one per union member.
-JsonNumber = Annotated[float, BeforeValidator(_number)]
 
 
 class PointIn(TypedDict):
@@ -128,15 +98,27 @@ class MetricBatchIn(BaseModel):
             return sum(len(s.steps) for s in self.series)
         return len(self.points or ())
 
-    def as_series(self) -> Series:
-        """metric name -> (steps, values); SpecError naming each malformed field."""
+    def as_series(self, settings: Settings) -> Series:
+        """metric name -> (steps, values); SpecError naming each malformed field or cap."""
         if (self.points is None) == (self.series is None):
             field, given = ("series", "both") if self.points else ("points", "neither")
             reason = "a batch has points or series (not both)"
             raise SpecError([FieldError(field, f"{given} given", reason)])
-        if self.series is not None:
-            return self._columns(self.series)
-        return self._grouped(self.points or [])
+        field = "series" if self.series is not None else "points"
+        if self.size() > settings.max_batch_points:
+            reason = (
+                f"over the cap {settings.max_batch_points} per batch "
+                "(split it, or raise OVERPARAM_MAX_BATCH_POINTS)"
+            )
+            raise SpecError([FieldError(field, f"{self.size()} points", reason)])
+        series = self._columns(self.series) if self.series else self._grouped(self.points or [])
+        if len(series) > settings.max_batch_metrics:
+            reason = (
+                f"over the cap {settings.max_batch_metrics} metrics per batch "
+                "(raise OVERPARAM_MAX_BATCH_METRICS)"
+            )
+            raise SpecError([FieldError(field, f"{len(series)} metrics", reason)])
+        return series
 
     @staticmethod
     def _columns(series: list[SeriesIn]) -> Series:
@@ -151,8 +133,8 @@ class MetricBatchIn(BaseModel):
             if part.metric in out:  # the same metric twice: one series, in order
                 out[part.metric][0].extend(part.steps)
                 out[part.metric][1].extend(part.values)
-            else:
-                out[part.metric] = (part.steps, part.values)
+            else:  # copies: the merge above must not change the request's own lists
+                out[part.metric] = (list(part.steps), list(part.values))
         if errors:
             raise SpecError(errors)
         return out
@@ -178,7 +160,7 @@ class MetricBatchIn(BaseModel):
 
 
 def _json_size(field: str, value: Any, settings: Settings) -> list[FieldError]:
-    size = len(json.dumps(_finite(value)).encode())
+    size = len(json.dumps(json_safe(value)).encode())
     if size <= settings.max_config_bytes:
         return []
     return [
@@ -189,17 +171,6 @@ def _json_size(field: str, value: Any, settings: Settings) -> list[FieldError]:
             "(raise it with OVERPARAM_MAX_CONFIG_BYTES)",
         )
     ]
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with non-finite floats as "NaN"/"Infinity"/"-Infinity" (JSONB refuses NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_finite(item) for item in value]
-    return value
 
 
 def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> Run:
@@ -223,7 +194,7 @@ def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> R
     if errors:
         raise SpecError(errors)
     now = utcnow()
-    config = _finite(body.config)
+    config = json_safe(body.config)
     run = Run(
         sweep_id=None,
         index=0,
@@ -243,103 +214,30 @@ def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> R
     return run
 
 
-def _check_writable(run_id: int, found: Any) -> None:
-    """``found``: the run's (external, status), or None."""
-    if found is None:
-        raise NotFound(f"run {run_id} does not exist")
-    external, status = found
-    if not external:
-        raise Conflict(
-            f"run {run_id} is trained on the cluster: only the dispatcher writes its metrics"
-        )
-    if status in FINAL_STATUSES:
-        raise Conflict(f"run {run_id} is already {status}: it takes no more metrics")
+def log_batch(*, db_session: Session, run_id: int, series: Series) -> int:
+    """Store a batch of an external, running run in the caller's transaction; how many points
+    were new.
 
-
-def _run_state(db_session: Session, run_id: int, lock: bool) -> Any:
-    """The run's (external, status) or None, through the driver.
-
-    ``lock``: a row lock on PostgreSQL, so that other batches and a finish wait for this one.
+    The run's row is locked first (an UPDATE of its heartbeat that only matches a running
+    external run), so batches of one run take turns and a finish waits for them: a batch racing
+    with the finish is stored before it or refused, never after.
     """
-    raw = driver_connection(db_session)
-    if db_session.get_bind().dialect.name == "postgresql":
-        sql = _LOCK_RUN if lock else "SELECT external, status FROM run WHERE id = %s"
-    else:
-        sql = "SELECT external, status FROM run WHERE id = ?"
-    return raw.execute(sql, (run_id,)).fetchone()
-
-
-_LOCK_RUN = "SELECT external, status FROM run WHERE id = %s FOR NO KEY UPDATE"
-MAX_ID = 2**31 - 1  # run ids are 32-bit integers
-_FINAL = "{" + ",".join(sorted(FINAL_STATUSES)) + "}"  # a text[] literal
-# Queue the batch unless the run takes no metrics or some point of it may be stored or queued
-# already (an index probe of each for the batch's metrics and step range). Never prepared: a
-# generic plan made while the tables were small would scan them.
-_ENQUEUE_UNLESS_OVERLAP = """
-    INSERT INTO metric_batch_queue (run_id, metric_ids, first_step, last_step, points, payload)
-    SELECT %(run)s, %(mids)s::int4[], %(first)s, %(last)s, %(points)s, %(payload)s
-    WHERE EXISTS (SELECT 1 FROM run WHERE id = %(run)s AND external
-                  AND status <> ALL(%(final)s::text[]))
-      AND NOT EXISTS (SELECT 1 FROM metric WHERE run_id = %(run)s
-                      AND metric_id = ANY(%(mids)s::int4[])
-                      AND step BETWEEN %(first)s AND %(last)s)
-      AND NOT EXISTS (SELECT 1 FROM metric_batch_queue WHERE run_id = %(run)s
-                      AND first_step <= %(last)s AND last_step >= %(first)s
-                      AND metric_ids && %(mids)s::int4[])
-"""
-
-
-def log_batch(*, sessions: sessionmaker[Session], run_id: int, series: Series) -> int:
-    """Store a batch of an external, running run, committed; how many points were new.
-
-    PostgreSQL: batches of a run take turns (a row lock on the run, which a finish waits for
-    too). A batch none of whose points is stored or queued, the usual case, is queued
-    (write-behind, ``services/metrics.py``): the lock, the checked insert and the commit go to
-    the server in one round trip. A batch that overlaps is written directly, under the run's
-    lock, after the run's queue is moved, so that of a point posted twice the first stored
-    counts and ``stored`` is exact.
-    """
-    if not 0 < run_id <= MAX_ID:
-        raise NotFound(f"run {run_id} does not exist")
-    with session_scope(sessions) as db:
-        columns = columns_of(db_session=db, series=series)
-        if db.get_bind().dialect.name != "postgresql":
-            _check_writable(run_id, _run_state(db, run_id, lock=False))
-            stored = write_columns(db_session=db, run_id=run_id, columns=columns)
-            # The batch's INSERT took SQLite's write lock: a finish committed before it is
-            # visible now, and none can commit until this transaction ends.
-            _check_writable(run_id, _run_state(db, run_id, lock=False))
-            return stored
-        raw = driver_connection(db)
-        params = {
-            "run": run_id,
-            "mids": array_literal(np.unique(columns.metric_ids).tolist()),
-            "first": int(columns.steps.min()),
-            "last": int(columns.steps.max()),
-            "points": len(columns),
-            "payload": queue_payload(columns),
-            "final": _FINAL,
-        }
-        # Names this batch created must not outlive a refusal: then the commit waits.
-        commit_now = not db.info.get("created_metric_names")
-        with raw.pipeline():  # the lock, the checked insert and the commit: one round trip
-            lock = raw.execute(_LOCK_RUN, (run_id,), prepare=True)
-            queued = raw.execute(_ENQUEUE_UNLESS_OVERLAP, params, prepare=False)
-            if commit_now:
-                raw.commit()  # nothing is queued for a run that takes no metrics
-        _check_writable(run_id, lock.fetchone())
-        if queued.rowcount == 1:
-            return len(columns)
-    # Overlaps what is stored or queued (rare: a re-sent batch). Write it in a transaction of
-    # its own that holds the run, after moving the run's queue in that same transaction. A
-    # batch queued in between was posted while this one had no answer yet: the two are
-    # concurrent, and storing that one first is one of their valid orders (``stored`` counts
-    # agree with it).
-    with session_scope(sessions) as db:
-        _check_writable(run_id, _run_state(db, run_id, lock=True))
-        while move_round(db, run_id, wait=True) > 0:
-            pass
-        return write_columns(db_session=db, run_id=run_id, columns=columns)
+    now = utcnow()
+    locked = db_session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.external.is_(True), Run.status == "running")
+        .values(heartbeat_at=now)
+        .returning(Run.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    if locked is None:
+        run = get_run(db_session=db_session, run_id=run_id)
+        if not run.external:
+            raise Conflict(
+                f"run {run_id} is trained on the cluster: only the dispatcher writes its metrics"
+            )
+        raise Conflict(f"run {run_id} is already {run.status}: it takes no more metrics")
+    return write_series(db_session=db_session, run_id=run_id, series=series)
 
 
 def finish_run(*, db_session: Session, run_id: int, body: RunFinish, settings: Settings) -> Run:
@@ -358,7 +256,7 @@ def finish_run(*, db_session: Session, run_id: int, body: RunFinish, settings: S
         expected="running",
         new=body.status,
         error=body.error,
-        summary=_finite(body.summary),
+        summary=json_safe(body.summary),
         heartbeat_at=utcnow(),
     )
     if not finished:  # another finish won the race

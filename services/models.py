@@ -1,10 +1,7 @@
-"""The schema: sweeps, runs, normalized metric names, metric points and their rollups, datasets.
+"""The schema: sweeps, runs, normalized metric names, metric histories as chunks, datasets.
 
-Metric points are keyed on (run, metric, step) only (MLflow's all-column primary key bloated to
-11 GiB at 100M rows). A NULL value stores NaN: SQLite cannot hold NaN in a REAL column, so both
-backends use the same convention; ±inf are stored as they are. ``metric_rollup`` keeps, per
-power-of-8 step bucket, the bucket's minimum and maximum point, so that a plot of a 1M-point
-history reads a few thousand rows instead of a million (see ``services/metrics.py``).
+A metric history is stored in the shape of the data: chunks of steps and values with their
+summary (``MetricChunk``), one row per (run, metric, block of points), written and read whole.
 """
 
 from __future__ import annotations
@@ -24,13 +21,12 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
-    SmallInteger,
     String,
     Text,
     TypeDecorator,
     false,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -133,93 +129,35 @@ class MetricName(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
 
 
-class Metric(Base):
-    """One point. No foreign keys: checking them per point halves PostgreSQL's COPY rate, and
-    points are only written by ``services.metrics.write_points`` for runs its callers hold.
-    Deleting a run must delete its points and rollups."""
-
-    __tablename__ = "metric"
-    # The primary key is the table on SQLite: no separate rowid b-tree per point.
-    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (SQLAlchemy reads it once)
-
-    run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    metric_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    step: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
-    )
-    value: Mapped[float | None] = mapped_column(Double)
+STEP = BigInteger().with_variant(Integer(), "sqlite")  # SQLite's INTEGER is 64-bit already
 
 
-class MetricRollup(Base):
-    """Per (run, metric, level, bucket): the bucket's lowest and highest point.
+class MetricChunk(Base):
+    """A block of one metric history: up to ``services.chunks.CHUNK_POINTS`` points.
 
-    Level ``L`` buckets steps by ``step >> (5 + 3 L)`` (32, 256, 2048, … steps). ``min_*`` /
-    ``max_*`` are the point with the lowest / highest non-NaN value (ties: the lower step); in a
-    bucket of NaN only both values are NULL and both steps are its first step.
+    ``step_array`` and ``value_array`` hold the steps (int64) and values (float64) as
+    little-endian bytes, in step order; the other columns summarize them: first/last step,
+    count, first/last value and the lowest/highest value with its step (NaN ignored; NULL
+    when every value is NaN, and NaN in these columns is NULL on both backends). The chunks
+    of one (run, metric) never overlap in steps, so the key orders them by step. No foreign
+    keys: checking them costs every write, and deleting a run must delete its chunks.
     """
 
-    __tablename__ = "metric_rollup"
-    __table_args__ = {"sqlite_with_rowid": False}  # noqa: RUF012 (SQLAlchemy reads it once)
+    __tablename__ = "metric_chunk"
 
     run_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     metric_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
-    bucket: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
-    )
-    min_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    last_step: Mapped[int] = mapped_column(STEP, primary_key=True)
+    first_step: Mapped[int] = mapped_column(STEP)
+    count: Mapped[int] = mapped_column(Integer)
+    first_value: Mapped[float | None] = mapped_column(Double)
+    last_value: Mapped[float | None] = mapped_column(Double)
+    min_step: Mapped[int] = mapped_column(STEP)
     min_value: Mapped[float | None] = mapped_column(Double)
-    max_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    max_step: Mapped[int] = mapped_column(STEP)
     max_value: Mapped[float | None] = mapped_column(Double)
-
-
-def _array(item: type[Integer] | type[SmallInteger] | type[BigInteger] | type[Double]) -> Any:
-    """An array column on PostgreSQL (JSON on SQLite, which never writes the table)."""
-    return JSON().with_variant(ARRAY(item()), "postgresql")
-
-
-class MetricRollupPending(Base):
-    """Rollup summaries of committed batches, not merged into ``metric_rollup`` yet.
-
-    PostgreSQL only (SQLite merges in the batch's transaction): a batch inserts one row, its
-    summaries as parallel arrays, instead of upserting them, and a background merger (or the
-    next downsampled read of the run) merges and deletes it. See ``services/rollups.py``.
-    """
-
-    __tablename__ = "metric_rollup_pending"
-
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
-    )
-    run_id: Mapped[int] = mapped_column(Integer, index=True)
-    metric_ids: Mapped[list[int]] = mapped_column(_array(Integer))
-    levels: Mapped[list[int]] = mapped_column(_array(SmallInteger))
-    buckets: Mapped[list[int]] = mapped_column(_array(BigInteger))
-    min_steps: Mapped[list[int]] = mapped_column(_array(BigInteger))
-    min_values: Mapped[list[float | None]] = mapped_column(_array(Double))
-    max_steps: Mapped[list[int]] = mapped_column(_array(BigInteger))
-    max_values: Mapped[list[float | None]] = mapped_column(_array(Double))
-
-
-class MetricBatchQueue(Base):
-    """Metric batches posted over REST and committed, not moved into ``metric`` yet.
-
-    PostgreSQL only (SQLite writes a batch in its request): one row per batch, its points as
-    the bytes of three arrays (metric ids int32, steps int64, values float64). See the
-    write-behind section of ``services/metrics.py``.
-    """
-
-    __tablename__ = "metric_batch_queue"
-
-    id: Mapped[int] = mapped_column(
-        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True
-    )
-    run_id: Mapped[int] = mapped_column(Integer, index=True)
-    metric_ids: Mapped[list[int]] = mapped_column(_array(Integer))
-    first_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
-    last_step: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
-    points: Mapped[int] = mapped_column(Integer)
-    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    step_array: Mapped[bytes] = mapped_column(LargeBinary)
+    value_array: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Dataset(Base):

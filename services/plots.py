@@ -282,19 +282,9 @@ def _group_text(group: Mapping[str, Any]) -> str:
 def _series(
     db_session: Session, run_id: int, names: Sequence[str]
 ) -> dict[str, list[tuple[int, Any]]]:
-    known = set(history.run_metric_names(db_session=db_session, run_id=run_id))
-    wanted = [n for n in names if n in known]
-    if not wanted:
-        return {}
-    found = history.read_downsampled(
-        db_session=db_session,
-        run_id=run_id,
-        names=wanted,
-        start=None,
-        end=None,
-        max_points=PLOT_POINTS,
+    return history.run_series(
+        db_session=db_session, run_id=run_id, names=names, max_points=PLOT_POINTS
     )
-    return {s.metric: list(s.points) for s in found}
 
 
 def _split(points: Sequence[tuple[int, Any]]) -> tuple[list[float], list[float]]:

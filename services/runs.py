@@ -6,11 +6,11 @@ guarded UPDATE (``WHERE status = :expected``), so two processes racing on a run 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from services.errors import Conflict, NotFound
 from services.models import FINAL_STATUSES, Run, Sweep, utcnow
@@ -29,11 +29,21 @@ def list_sweeps(*, db_session: Session, limit: int, offset: int) -> tuple[Sequen
     return rows.all(), total
 
 
-def status_counts(*, db_session: Session, sweep_id: int) -> dict[str, int]:
+def status_counts(*, db_session: Session, sweep_ids: Sequence[int]) -> dict[int, dict[str, int]]:
+    """sweep id -> {status: number of its runs in it}, for many sweeps in one statement."""
+    out: dict[int, dict[str, int]] = {sweep_id: {} for sweep_id in sweep_ids}
     rows = db_session.execute(
-        select(Run.status, func.count()).where(Run.sweep_id == sweep_id).group_by(Run.status)
+        select(Run.sweep_id, Run.status, func.count())
+        .where(Run.sweep_id.in_(sweep_ids))
+        .group_by(Run.sweep_id, Run.status)
     )
-    return {status: count for status, count in rows}
+    for sweep_id, status, count in rows:
+        out[sweep_id][status] = count  # type: ignore[index]  # not None: filtered by IN
+    return out
+
+
+def sweep_run_ids(*, db_session: Session, sweep_id: int) -> list[int]:
+    return list(db_session.scalars(select(Run.id).where(Run.sweep_id == sweep_id).order_by(Run.id)))
 
 
 def get_run(*, db_session: Session, run_id: int) -> Run:
@@ -50,8 +60,11 @@ def list_runs(
     status: str | None = None,
     limit: int,
     offset: int,
+    large: Collection[str] = ("config", "manifest"),
 ) -> tuple[Sequence[Run], int]:
-    query = select(Run)
+    """Runs in id order; their ``config`` and ``manifest`` are loaded only if in ``large``."""
+    deferred = [defer(getattr(Run, name)) for name in ("config", "manifest") if name not in large]
+    query = select(Run).options(*deferred)
     if sweep_id is not None:
         query = query.where(Run.sweep_id == sweep_id)
     if status is not None:
@@ -76,8 +89,10 @@ def transition(*, db_session: Session, run_id: int, expected: str, new: str, **f
 
 
 def queued_runs(*, db_session: Session, limit: int) -> list[Run]:
-    """The oldest ``limit`` queued runs (the dispatcher picks those that fit)."""
+    """The oldest ``limit`` queued runs, their config and manifest not loaded (the dispatcher
+    picks those that fit by their resources)."""
     query = select(Run).where(Run.status == "queued").order_by(Run.id).limit(limit)
+    query = query.options(defer(Run.config), defer(Run.manifest))
     return list(db_session.scalars(query))
 
 

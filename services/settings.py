@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_batch_points: int = Field(
         100_000, gt=0, description="points per POST /runs/{id}/metrics (MLflow allows 1,000)"
     )
+    max_batch_metrics: int = Field(
+        1_000, gt=0, description="distinct metric names per POST /runs/{id}/metrics"
+    )
     max_config_bytes: int = Field(
         64 * 1024, gt=0, description="JSON size of an external run's config or final summary"
     )

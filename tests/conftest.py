@@ -80,8 +80,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE metric, metric_rollup, metric_rollup_pending, metric_batch_queue,"
-                " run, sweep, metric_name RESTART IDENTITY CASCADE"
+                "TRUNCATE metric_chunk, run, sweep, metric_name, dataset, dispatcher"
+                " RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()

@@ -41,7 +41,9 @@ def service(ray_cluster: None, db_url: str) -> Iterator[TestClient]:
 def wait_final(client: TestClient, sweep_id: int, timeout: float = 180.0) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        runs = client.get("/api/v1/runs", params={"sweep_id": sweep_id}).json()["data"]
+        runs = client.get(
+            "/api/v1/runs", params={"sweep_id": sweep_id, "fields": ["config", "manifest"]}
+        ).json()["data"]
         if all(r["status"] in FINAL for r in runs):
             return runs  # type: ignore[no-any-return]
         time.sleep(0.3)
@@ -181,7 +183,7 @@ def test_a_worker_that_dies_is_retried_and_resumes_from_its_checkpoint(
 
     from services.db import make_engine, make_sessionmaker, session_scope
     from services.dispatcher import Dispatcher, Launch
-    from services.history import read_page
+    from services.history import read_page, resolve
     from services.models import Run
     from services.sweeps import SweepSpec, create_sweep
     from worker.events import MetricBatch
@@ -243,14 +245,15 @@ def test_a_worker_that_dies_is_retried_and_resumes_from_its_checkpoint(
         run = db.get(Run, run_id)
         assert run is not None
         assert (run.status, run.attempt, run.error) == ("succeeded", 2, None)
-        (loss,) = read_page(
+        loss_id = resolve(db_session=db, run_ids=[run_id], names=["loss"], what="run")
+        (loss,), _ = read_page(
             db_session=db,
-            run_id=run_id,
-            names=["loss"],
+            run_ids=[run_id],
+            metric_ids=loss_id,
             start=None,
             end=None,
             after=None,
             limit=10_000,
         )
-        assert [step for step, _ in loss.points] == list(range(301))
+        assert loss.points.steps.tolist() == list(range(301))
     engine.dispose()

@@ -21,7 +21,7 @@ def check_round_trip(url: str) -> None:
     downgrade(url, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade(url)
-    assert {"sweep", "run", "metric", "metric_name"} <= set(inspect(engine).get_table_names())
+    assert {"sweep", "run", "metric_chunk", "metric_name"} <= set(inspect(engine).get_table_names())
     engine.dispose()
 
 

@@ -18,9 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SettingsDep
+from api.deps import SessionDep, SettingsDep
 from api.problems import problem
-from api.sessions import CommittedSessionDep as SessionDep
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
 from services.settings import Settings

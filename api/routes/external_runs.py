@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, status
 
-from api.deps import SettingsDep
+from api.deps import RunId, SessionDep, SettingsDep
 from api.schemas import RunPublic
-from api.sessions import CommittedSessionDep as SessionDep
 from services.external_runs import RunCreate, RunFinish, create_run, finish_run
 
 router = APIRouter(prefix="/runs", tags=["runs"])
@@ -28,7 +27,7 @@ def create(body: RunCreate, db: SessionDep, settings: SettingsDep) -> RunCreated
 
 
 @router.post("/{run_id}/finish", response_model=RunCreated)
-def finish(run_id: int, body: RunFinish, db: SessionDep, settings: SettingsDep) -> RunCreated:
+def finish(run_id: RunId, body: RunFinish, db: SessionDep, settings: SettingsDep) -> RunCreated:
     """Finish an external run: its final status, and optionally an error and a summary."""
     run = finish_run(db_session=db, run_id=run_id, body=body, settings=settings)
     return RunCreated.model_validate(run)

@@ -3,39 +3,54 @@ routes/external_runs.py."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import SessionDep
-from api.schemas import RunPublic, RunsPublic, RunStatus
+from api.deps import RunId, SessionDep, SweepId
+from api.schemas import RunListed, RunPublic, RunsPublic, RunStatus
 from services import runs as run_service
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
+Field = Literal["config", "manifest"]
+LARGE = ("config", "manifest")
 
-@router.get("", response_model=RunsPublic)
+
+@router.get("", response_model=RunsPublic, response_model_exclude_none=False)
 def list_(
     db: SessionDep,
-    sweep_id: int | None = None,
+    sweep_id: Annotated[SweepId | None, Query()] = None,
     status: RunStatus | None = None,
+    fields: Annotated[
+        list[Field] | None, Query(description="also return these (repeatable)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> RunsPublic:
-    """Runs in id order, optionally of one sweep and/or in one state."""
+    """Runs in id order, optionally of one sweep and/or in one state; without their config
+    and manifest unless ``fields`` asks for them."""
+    wanted = set(fields or ())
     runs, count = run_service.list_runs(
-        db_session=db, sweep_id=sweep_id, status=status, limit=limit, offset=offset
+        db_session=db,
+        sweep_id=sweep_id,
+        status=status,
+        limit=limit,
+        offset=offset,
+        large=wanted,
     )
-    return RunsPublic(data=[RunPublic.model_validate(r) for r in runs], count=count)
+    names = [name for name in RunListed.model_fields if name not in LARGE or name in wanted]
+    data = [RunListed.model_validate({name: getattr(run, name) for name in names}) for run in runs]
+    return RunsPublic(data=data, count=count)
 
 
 @router.get("/{run_id}", response_model=RunPublic)
-def get(run_id: int, db: SessionDep) -> RunPublic:
+def get(run_id: RunId, db: SessionDep) -> RunPublic:
     """A run: config, state, attempt, error, summary and reproducibility manifest."""
     return RunPublic.model_validate(run_service.get_run(db_session=db, run_id=run_id))
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)
-def cancel(run_id: int, db: SessionDep) -> RunPublic:
+def cancel(run_id: RunId, db: SessionDep) -> RunPublic:
     """Cancel a queued run now, or ask the dispatcher to stop a running one."""
     return RunPublic.model_validate(run_service.request_cancel(db_session=db, run_id=run_id))

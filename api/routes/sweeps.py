@@ -4,23 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
-from sqlalchemy import select
+from fastapi import APIRouter, BackgroundTasks, Query, Request, status
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, SweepId, wake_dispatcher
 from api.schemas import SweepCreated, SweepPublic, SweepsPublic
 from services import runs as run_service
-from services.models import Run
 from services.sweeps import SweepSpec, create_sweep
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated)
-def create(spec: SweepSpec, db: SessionDep, settings: SettingsDep) -> SweepCreated:
+def create(
+    spec: SweepSpec,
+    db: SessionDep,
+    settings: SettingsDep,
+    request: Request,
+    background: BackgroundTasks,
+) -> SweepCreated:
     """Validate a sweep spec, expand its grid and queue every run."""
     sweep = create_sweep(db_session=db, spec=spec, settings=settings)
-    run_ids = list(db.scalars(select(Run.id).where(Run.sweep_id == sweep.id).order_by(Run.id)))
+    run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
+    background.add_task(wake_dispatcher, request)  # runs after the answer, so after the commit
     return SweepCreated(id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids)
 
 
@@ -28,22 +33,21 @@ def create(spec: SweepSpec, db: SessionDep, settings: SettingsDep) -> SweepCreat
 def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> SweepsPublic:
-    """Sweeps, newest first."""
+    """Sweeps, newest first, with the number of their runs in each state."""
     sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset)
+    counts = run_service.status_counts(db_session=db, sweep_ids=[s.id for s in sweeps])
     data = [
-        SweepPublic.model_validate(s).model_copy(
-            update={"status_counts": run_service.status_counts(db_session=db, sweep_id=s.id)}
-        )
+        SweepPublic.model_validate(s).model_copy(update={"status_counts": counts[s.id]})
         for s in sweeps
     ]
     return SweepsPublic(data=data, count=count)
 
 
 @router.get("/{sweep_id}", response_model=SweepPublic)
-def get(sweep_id: int, db: SessionDep) -> SweepPublic:
+def get(sweep_id: SweepId, db: SessionDep) -> SweepPublic:
     """One sweep with the number of its runs in each state."""
     sweep = run_service.get_sweep(db_session=db, sweep_id=sweep_id)
-    counts = run_service.status_counts(db_session=db, sweep_id=sweep_id)
+    counts = run_service.status_counts(db_session=db, sweep_ids=[sweep_id])[sweep_id]
     return SweepPublic.model_validate(sweep).model_copy(update={"status_counts": counts})

@@ -78,8 +78,12 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_dataset")),
     )
-    # Rollups of the points stored before this revision, so their histories downsample too.
-    # The level-0 rows come from the points, every higher level from the level below.
+    backfill_rollups()
+
+
+def backfill_rollups() -> None:
+    """Rollups of the points stored before this revision, so their histories downsample too.
+    The level-0 rows come from the points, every higher level from the level below."""
     op.execute(_rollup_sql(0))
     for level in range(1, ROLLUP_LEVELS):
         op.execute(_rollup_sql(level))

@@ -38,6 +38,14 @@ def _array(item: sa.types.TypeEngine) -> sa.types.TypeEngine:
 
 
 def upgrade() -> None:
+    create_write_behind_tables()
+    # SQLite recreates the table (keeping it WITHOUT ROWID); PostgreSQL just drops them.
+    with op.batch_alter_table("metric_rollup", table_kwargs={"sqlite_with_rowid": False}) as batch:
+        for name, *_ in ROLLUP_FKS:
+            batch.drop_constraint(name, type_="foreignkey")
+
+
+def create_write_behind_tables() -> None:
     op.create_table(
         "metric_rollup_pending",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -72,10 +80,6 @@ def upgrade() -> None:
         # Stored out of line uncompressed: compressing ~20 kB of numbers per batch costs more
         # than it saves in a table whose rows live for milliseconds.
         op.execute("ALTER TABLE metric_batch_queue ALTER COLUMN payload SET STORAGE EXTERNAL")
-    # SQLite recreates the table (keeping it WITHOUT ROWID); PostgreSQL just drops them.
-    with op.batch_alter_table("metric_rollup", table_kwargs={"sqlite_with_rowid": False}) as batch:
-        for name, *_ in ROLLUP_FKS:
-            batch.drop_constraint(name, type_="foreignkey")
 
 
 def downgrade() -> None:

@@ -90,7 +90,9 @@ def create_sweep(client: Any, spec: dict[str, Any] = SPEC) -> tuple[int, list[di
     created = client.post("/api/v1/sweeps", json=spec)
     assert created.status_code == 201, created.text
     sweep_id = created.json()["id"]
-    runs = client.get("/api/v1/runs", params={"sweep_id": sweep_id}).json()["data"]
+    runs = client.get(
+        "/api/v1/runs", params={"sweep_id": sweep_id, "fields": ["config", "manifest"]}
+    ).json()["data"]
     return sweep_id, runs
 
 

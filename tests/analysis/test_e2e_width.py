@@ -51,7 +51,9 @@ def service(ray_cluster: None, tmp_path: Path) -> Iterator[TestClient]:
 def wait_final(client: TestClient, sweep_id: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 300  # a hung dispatcher fails here instead of hanging CI
     while True:
-        runs = client.get("/api/v1/runs", params={"sweep_id": sweep_id}).json()["data"]
+        runs = client.get(
+            "/api/v1/runs", params={"sweep_id": sweep_id, "fields": ["config", "manifest"]}
+        ).json()["data"]
         if all(r["status"] in FINAL for r in runs):
             return runs  # type: ignore[no-any-return]
         assert time.monotonic() < deadline, [r["status"] for r in runs]

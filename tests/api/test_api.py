@@ -38,10 +38,14 @@ def test_create_sweep_expands_runs_in_one_transaction(client: TestClient) -> Non
     sweep = client.get(f"/api/v1/sweeps/{body['id']}").json()
     assert sweep["status_counts"] == {"queued": 6}
     assert sweep["spec"]["grid"] == QUICK["grid"]
-    runs = client.get("/api/v1/runs", params={"sweep_id": body["id"]}).json()
-    assert runs["count"] == 6
+    listed = client.get("/api/v1/runs", params={"sweep_id": body["id"]}).json()
+    assert listed["count"] == 6
+    assert all(r["config"] is None and r["manifest"] is None for r in listed["data"])
+    params = {"sweep_id": body["id"], "fields": ["config"]}
+    runs = client.get("/api/v1/runs", params=params).json()
     widths = sorted((r["config"]["width"], r["config"]["seed"]) for r in runs["data"])
     assert widths == [(w, s) for w in (16, 32) for s in (0, 1, 2)]
+    assert all(r["manifest"] is None for r in runs["data"])
 
 
 def test_run_json_carries_state_summary_and_manifest(client: TestClient) -> None:

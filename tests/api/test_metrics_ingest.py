@@ -78,7 +78,8 @@ def test_cluster_runs_and_unknown_runs_refuse_metric_posts(client: TestClient) -
     )
     problem(client.post(f"{V1}/runs/{queued}/finish", json={"status": "succeeded"}), 409)
     problem(client.post(f"{V1}/runs/999999/metrics", json=point), 404)
-    problem(client.post(f"{V1}/runs/99999999999/metrics", json=point), 404)  # past 32 bits
+    past = problem(client.post(f"{V1}/runs/99999999999/metrics", json=point), 422)  # 32 bits
+    assert past["errors"][0]["field"] == "run_id"
     problem(client.post(f"{V1}/runs/999999/finish", json={"status": "succeeded"}), 404)
 
 

@@ -54,7 +54,7 @@ def test_metric_points_iterate_like_before_and_become_dataframes(server: str) ->
         first = list(points)
         assert first == list(points), "iterating again fetches the same points"
         assert next(points) == first[0] and next(points) == first[1]
-        assert first[0] == {"metric": "custom", "step": 0, "value": "NaN"}
+        assert {"metric": "custom", "step": 0, "value": "NaN"} in first
         frame = points.to_pandas()
         assert list(frame.columns) == ["metric", "step", "value"] and len(frame) == len(first)
         custom = frame[frame.metric == "custom"].value.tolist()

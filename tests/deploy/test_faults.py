@@ -42,7 +42,9 @@ def topology() -> Iterator[Topology]:
 
 
 def runs_of(api: httpx.Client, sweep_id: int) -> list[dict[str, Any]]:
-    return api.get("/api/v1/runs", params={"sweep_id": sweep_id}).json()["data"]  # type: ignore[no-any-return]
+    return api.get(
+        "/api/v1/runs", params={"sweep_id": sweep_id, "fields": ["config", "manifest"]}
+    ).json()["data"]  # type: ignore[no-any-return]
 
 
 def leader_name(topo: Topology) -> str:

@@ -43,7 +43,9 @@ def wait_final(api: httpx.Client, topo: Topology, sweep_id: int, timeout: float 
     deadline = time.monotonic() + timeout
     runs: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
-        runs = api.get("/api/v1/runs", params={"sweep_id": sweep_id}).json()["data"]
+        runs = api.get(
+            "/api/v1/runs", params={"sweep_id": sweep_id, "fields": ["config", "manifest"]}
+        ).json()["data"]
         if runs and all(r["status"] in FINAL for r in runs):
             return runs
         time.sleep(0.5)

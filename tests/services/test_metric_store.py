@@ -1,38 +1,33 @@
-"""The metric store on SQLite and PostgreSQL: idempotent ingestion (re-sent, conflicting and
-concurrent batches), rollups that always equal a recomputation from the stored points,
-downsampling that keeps the extremes and the ends, keyset pages, and the migration backfill."""
+"""The chunked metric store on SQLite and PostgreSQL: exactly once per (run, metric, step) with
+the first value winning (retried batches, overlaps with other boundaries, concurrent writers),
+NaN and ±inf bit for bit, the chunk invariants (disjoint, sorted, summaries true to the
+arrays), keyset pages and downsampling in a constant number of statements, and the migration
+that moves existing points into chunks."""
 
 from __future__ import annotations
 
 import math
 import random
 import threading
-import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from services import history
+from services.chunks import CHUNK_POINTS, SMALL_CHUNK, Points
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.external_runs import log_batch
-from services.metrics import Columns, DeferredWriter, copy_payload, write_points
-from services.migrate import upgrade
-from services.models import Metric, MetricRollup, Run
-from services.rollups import (
-    FIRST_SHIFT,
-    LEVEL_SHIFT,
-    ROLLUP_LEVELS,
-    Row,
-    Summary,
-    downsample,
-    merge,
-    rollup_summaries,
-    settle,
-)
+from services.metrics import write_points, write_series
+from services.migrate import downgrade, upgrade
+from services.models import MetricChunk, Run
 
 NAN, INF = float("nan"), float("inf")
+Reference = dict[tuple[int, str, int], float]
 
 
 @pytest.fixture
@@ -42,408 +37,358 @@ def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
     engine.dispose()
 
 
-def new_run(sessions: sessionmaker[Session]) -> int:
+def new_run(sessions: sessionmaker[Session], external: bool = True) -> int:
     with session_scope(sessions) as db:
-        run = Run(config={}, status="running", external=True)
+        run = Run(config={}, status="running", external=external)
         db.add(run)
         db.flush()
         return run.id
 
 
-def stored(sessions: sessionmaker[Session], run_id: int) -> list[tuple[int, int, float | None]]:
+def same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+def stored(sessions: sessionmaker[Session], run_id: int) -> Reference:
+    """Every stored point of the run, decoded from its chunks, checking the chunk invariants:
+    per metric the chunks are disjoint and sorted, hold at most CHUNK_POINTS points, and their
+    summary columns are what the arrays say (recomputed here one point at a time)."""
     with session_scope(sessions) as db:
         rows = db.execute(
-            select(Metric.metric_id, Metric.step, Metric.value)
-            .where(Metric.run_id == run_id)
-            .order_by(Metric.metric_id, Metric.step)
-        )
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+            select(MetricChunk)
+            .where(MetricChunk.run_id == run_id)
+            .order_by(MetricChunk.metric_id, MetricChunk.last_step)
+        ).scalars()
+        metrics = history.series_of(db_session=db, run_ids=[run_id])[run_id]
+        names = {mid: name for name, mid in metrics.items()}
+        out: Reference = {}
+        previous: tuple[int, int] | None = None
+        for chunk in rows:
+            points = Points.decode(chunk.step_array, chunk.value_array)
+            steps, values = points.steps.tolist(), points.values.tolist()
+            assert steps == sorted(set(steps)) and 0 < len(steps) <= CHUNK_POINTS
+            assert (chunk.first_step, chunk.last_step, chunk.count) == (
+                steps[0],
+                steps[-1],
+                len(steps),
+            )
+            if previous is not None and previous[0] == chunk.metric_id:
+                assert chunk.first_step > previous[1], "chunks of a history never overlap"
+            previous = (chunk.metric_id, chunk.last_step)
+            numbers = [(v, s) for s, v in zip(steps, values, strict=True) if not math.isnan(v)]
+            low = min(numbers, default=(None, steps[0]))
+            high = min(((-v, s) for v, s in numbers), default=(None, steps[0]))
+            assert (chunk.min_value, chunk.min_step) == low
+            assert (chunk.max_value, chunk.max_step) == (
+                (None if high[0] is None else -high[0]),
+                high[1],
+            )
+            assert same(NAN if chunk.first_value is None else chunk.first_value, values[0])
+            assert same(NAN if chunk.last_value is None else chunk.last_value, values[-1])
+            for step, value in zip(steps, values, strict=True):
+                out[(run_id, names[chunk.metric_id], step)] = value
+        return out
 
 
-def rollups(sessions: sessionmaker[Session], run_id: int) -> dict[tuple[int, int, int], list]:  # type: ignore[type-arg]
-    """The run's rollups once every pending batch is merged (PostgreSQL defers them)."""
+def write(
+    sessions: sessionmaker[Session], run_id: int, points: list[tuple[str, int, float]]
+) -> int:
     with session_scope(sessions) as db:
-        settle(db, run_id)
-    with session_scope(sessions) as db:
-        rows = db.scalars(select(MetricRollup).where(MetricRollup.run_id == run_id))
-        return {
-            (r.metric_id, r.level, r.bucket): [r.min_step, r.min_value, r.max_step, r.max_value]
-            for r in rows
-        }
+        return write_points(db_session=db, run_id=run_id, points=points)
 
 
-def rollup_rows(rows: list[Row]) -> dict[tuple[int, int, int], Summary]:
-    """The reference: every level summarized from the points one at a time in Python (the
-    service computes level 0 with numpy and the levels above from it)."""
-    out: dict[tuple[int, int, int], Summary] = {}
-    for mid, step, value in rows:
-        for level in range(ROLLUP_LEVELS):
-            key = (mid, level, step >> (FIRST_SHIFT + LEVEL_SHIFT * level))
-            if key in out:
-                merge(out[key], [step, value, step, value])
-            else:
-                out[key] = [step, value, step, value]
-    return out
+def remember(reference: Reference, run_id: int, points: list[tuple[str, int, float]]) -> int:
+    """The reference store: the first value of a (run, metric, step) wins; how many were new."""
+    new = 0
+    for name, step, value in points:
+        if (run_id, name, step) not in reference:
+            reference[(run_id, name, step)] = value
+            new += 1
+    return new
 
 
-def assert_rollups_match_points(sessions: sessionmaker[Session], run_id: int) -> None:
-    """The rollups are exactly what a recomputation from the stored points gives."""
-    assert rollups(sessions, run_id) == rollup_rows(stored(sessions, run_id))
-
-
-def test_resent_and_repeated_points_are_stored_once_and_first_value_wins(sessions) -> None:  # type: ignore[no-untyped-def]
-    run_id = new_run(sessions)
-    batch = [("loss", s, 1.0 / (s + 1)) for s in range(100)] + [("acc", 3, 0.5)]
-    with session_scope(sessions) as db:
-        assert write_points(db_session=db, run_id=run_id, points=batch) == 101
-    with session_scope(sessions) as db:  # a retried batch, and one that overlaps it
-        assert write_points(db_session=db, run_id=run_id, points=batch) == 0
-        overlap = [("loss", s, -7.0) for s in range(90, 110)] + [("loss", 110, 2.0)] * 3
-        assert write_points(db_session=db, run_id=run_id, points=overlap) == 11
-    rows = stored(sessions, run_id)
-    assert len(rows) == 112 == len({(m, s) for m, s, _ in rows})
-    with session_scope(sessions) as db:
-        (loss,) = history.read_page(
-            db_session=db,
-            run_id=run_id,
-            names=["loss"],
-            start=None,
-            end=None,
-            after=None,
-            limit=1000,
-        )
-    values = dict(loss.points)
-    assert values[95] == pytest.approx(1 / 96) and values[100] == -7.0 and values[110] == 2.0
-    assert_rollups_match_points(sessions, run_id)
-
-
-def test_nan_and_infinities_round_trip(sessions) -> None:  # type: ignore[no-untyped-def]
-    run_id = new_run(sessions)
-    with session_scope(sessions) as db:
-        write_points(
-            db_session=db,
-            run_id=run_id,
-            points=[("loss", 0, 1.5), ("loss", 1, NAN), ("loss", 2, INF), ("loss", 3, -INF)],
-        )
-    with session_scope(sessions) as db:
-        (series,) = history.read_page(
-            db_session=db, run_id=run_id, names=None, start=None, end=None, after=None, limit=10
-        )
-    assert series.points[0] == (0, 1.5) and series.points[1] == (1, None)
-    assert series.points[2] == (2, INF) and series.points[3] == (3, -INF)
-    assert_rollups_match_points(sessions, run_id)
-
-
-def test_rollups_equal_a_recomputation_after_shuffled_overlapping_batches(sessions) -> None:  # type: ignore[no-untyped-def]
-    rng = random.Random(7)
-    run_id = new_run(sessions)
-    steps = [*range(0, 6000, 3), 10**9, 10**9 + 1]
-    points = [
-        (name, s, rng.choice([NAN, INF, -INF]) if rng.random() < 0.02 else rng.gauss(0, 1))
-        for name in ("loss", "grad/norm")
-        for s in steps
+def assert_same(got: Reference, want: Reference) -> None:
+    assert got.keys() == want.keys()
+    assert all(same(got[k], want[k]) for k in want), [k for k in want if not same(got[k], want[k])][
+        :5
     ]
-    batches = [points[i : i + 250] for i in range(0, len(points), 250)]
-    batches += [rng.sample(points, 300) for _ in range(5)]  # re-sent, out of order
-    batches += [[(n, s, v + 1.0) for n, s, v in rng.sample(points, 200)]]  # conflicting values
-    rng.shuffle(batches)
-    for batch in batches:
-        with session_scope(sessions) as db:
-            write_points(db_session=db, run_id=run_id, points=batch)
-    assert len(stored(sessions, run_id)) == len(points)
-    assert_rollups_match_points(sessions, run_id)
-    assert {level for _, level, _ in rollups(sessions, run_id)} == set(range(ROLLUP_LEVELS))
 
 
-@pytest.mark.postgres
-def test_pending_rollups_fold_ties_and_nan_across_batches_under_concurrent_mergers(
-    pg_migrated_url: str,
-) -> None:
-    """PostgreSQL defers rollups: 60 pending batches whose values tie, are ±inf, or NaN-only
-    in whole buckets, merged by three background mergers and a settling read at once."""
-    engine = make_engine(pg_migrated_url)
-    sessions = make_sessionmaker(engine)
-    rng = random.Random(11)
+def test_a_retried_batch_and_overlaps_with_other_boundaries_store_each_point_once(sessions) -> None:  # type: ignore[no-untyped-def]
     run_id = new_run(sessions)
-    steps = rng.sample(range(40_000), 6000)
-    pool = [NAN, INF, -INF, 0.0, 1.0, 1.0]
-    points = [(name, s, NAN if s < 500 else rng.choice(pool)) for name in ("a", "b") for s in steps]
-    for i in range(0, len(points), 200):
-        with session_scope(sessions) as db:
-            write_points(db_session=db, run_id=run_id, points=points[i : i + 200])
-    with session_scope(sessions) as db:
-        pending = db.scalar(
-            text("SELECT count(*) FROM metric_rollup_pending WHERE run_id = :run"), {"run": run_id}
-        )
-    assert pending == 60
-    mergers = [DeferredWriter(engine, interval=0.01).start() for _ in range(3)]
-    with session_scope(sessions) as db:
-        settle(db, run_id)
-    for merger in mergers:
-        merger.stop()
-    with session_scope(sessions) as db:
-        left = text("SELECT count(*) FROM metric_rollup_pending WHERE run_id = :run")
-        assert db.scalar(left, {"run": run_id}) == 0
-    assert_rollups_match_points(sessions, run_id)
-    engine.dispose()
+    reference: Reference = {}
+    batch = [("loss", s, 1.0 / (s + 1)) for s in range(100)] + [("acc", 3, 0.5)]
+    for points in (
+        batch,
+        batch,  # retried after a timeout
+        [("loss", s, -7.0) for s in range(90, 110)] + [("loss", 110, 2.0)] * 3,  # overlaps
+        [("loss", s, -8.0) for s in range(-0, 200, 7)],  # crosses both, other boundaries
+    ):
+        assert write(sessions, run_id, points) == remember(reference, run_id, points)
+    got = stored(sessions, run_id)
+    assert_same(got, reference)
+    assert got[(run_id, "loss", 95)] == pytest.approx(1 / 96) and got[(run_id, "loss", 105)] == -7.0
 
 
-def test_concurrent_overlapping_batches_store_every_point_exactly_once(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_nan_and_infinities_are_kept_bit_for_bit(sessions) -> None:  # type: ignore[no-untyped-def]
     run_id = new_run(sessions)
-    points = [(name, s, float(s)) for name in ("a", "b", "c") for s in range(3000)]
+    points = [("loss", 0, 1.5), ("loss", 1, NAN), ("loss", 2, INF), ("loss", 3, -INF)]
+    points += [("nan_only", s, NAN) for s in range(5)] + [("tiny", 0, 5e-324)]
+    write(sessions, run_id, points)
+    assert_same(stored(sessions, run_id), {(run_id, m, s): v for m, s, v in points})
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_shuffled_overlapping_batches_equal_a_one_point_at_a_time_reference(sessions, seed) -> None:  # type: ignore[no-untyped-def]
+    rng = random.Random(seed)
+    run_id = new_run(sessions)
+    reference: Reference = {}
+    steps = [*range(0, 5000, 3), 10**9, 2**63 - 1]
+    for _ in range(60):
+        first = rng.choice(steps)
+        span = rng.choice([1, 5, 200, 3000])
+        batch = [
+            (rng.choice(["a", "b", "c"]), s, rng.choice([rng.random(), NAN, INF, -INF, 0.0]))
+            for s in rng.sample(steps, min(len(steps), span))
+            if first <= s or rng.random() < 0.01
+        ]
+        assert write(sessions, run_id, batch) == remember(reference, run_id, batch)
+    assert_same(stored(sessions, run_id), reference)
+
+
+def test_a_writer_logging_one_step_at_a_time_builds_large_chunks(sessions) -> None:  # type: ignore[no-untyped-def]
+    run_id = new_run(sessions)
+    for step in range(600):
+        write(sessions, run_id, [("loss", step, float(step)), ("lr", step * 10, 0.1)])
+    stored(sessions, run_id)  # the invariants
+    with session_scope(sessions) as db:
+        counts = db.scalars(select(MetricChunk.count).where(MetricChunk.run_id == run_id)).all()
+    assert sum(counts) == 1200 and len(counts) <= 2 * (600 // SMALL_CHUNK + 1)
+
+
+def test_concurrent_overlapping_rest_writers_store_every_point_exactly_once(sessions) -> None:  # type: ignore[no-untyped-def]
+    run_id = new_run(sessions)
+    news: list[int] = []
     errors: list[BaseException] = []
 
     def writer(seed: int) -> None:
         rng = random.Random(seed)
         try:
-            for _ in range(6):
-                start = rng.randrange(0, len(points) - 1500)
+            for _ in range(8):
+                first = rng.randrange(0, 400)
+                steps = list(range(first, first + rng.randrange(1, 150)))
+                series = {"loss": (steps, [seed + s / 1000 for s in steps])}
                 with session_scope(sessions) as db:
-                    write_points(db_session=db, run_id=run_id, points=points[start : start + 1500])
-        except BaseException as exc:  # reported below
+                    news.append(log_batch(db_session=db, run_id=run_id, series=series))
+        except BaseException as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    with session_scope(sessions) as db:  # then everything, once more
-        write_points(db_session=db, run_id=run_id, points=points)
-    rows = stored(sessions, run_id)
-    assert len(rows) == len(points) == len({(m, s) for m, s, _ in rows})
-    assert_rollups_match_points(sessions, run_id)
+    threads = [threading.Thread(target=writer, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    got = stored(sessions, run_id)
+    assert sum(news) == len(got), "the writers' new counts add up to what is stored"
+    for (_, _, step), value in got.items():  # each value is one a writer sent for that step
+        assert round(value - step / 1000) in range(6)
 
 
-def brute_extremes(points: list[tuple[int, float | None]]) -> tuple[float, float]:
-    values = [v for _, v in points if v is not None]
-    return min(values), max(values)
-
-
-@pytest.mark.parametrize("max_points", [4, 25, 1000])
-def test_downsampling_keeps_the_extremes_and_both_ends_and_the_budget(sessions, max_points) -> None:  # type: ignore[no-untyped-def]
-    rng = random.Random(max_points)
-    run_id = new_run(sessions)
-    steps = [*sorted(rng.sample(range(200_000), 40_000)), 300_000]
-    points = [("loss", s, math.sin(s / 900) + rng.gauss(0, 0.1)) for s in steps]
-    points[1234] = ("loss", steps[1234], NAN)
-    with session_scope(sessions) as db:
-        for i in range(0, len(points), 5000):
-            write_points(db_session=db, run_id=run_id, points=points[i : i + 5000])
-    everything = [(s, None if math.isnan(v) else v) for _, s, v in points]
-    ranges = [(None, None), (0, 299_999), (777, 150_001), (1, 260), (steps[5], steps[5])]
-    ranges += [tuple(sorted(rng.sample(range(310_000), 2))) for _ in range(6)]  # type: ignore[misc]
-    with session_scope(sessions) as db:
-        metric_id = history.run_metric_ids(db_session=db, run_id=run_id)["loss"]
-        for start, end in ranges:
-            inside = [(s, v) for s, v in everything if (start or 0) <= s <= (end or 10**12)]
-            got = downsample(
+def test_keyset_pages_return_every_point_once_while_points_arrive(sessions) -> None:  # type: ignore[no-untyped-def]
+    runs = [new_run(sessions) for _ in range(3)]
+    reference: Reference = {}
+    for run_id in runs:
+        points = [(m, s, s * 0.5) for s in range(0, 3000, 2) for m in ("loss", "acc")]
+        write(sessions, run_id, points)
+        remember(reference, run_id, points)
+    got: Reference = {}
+    after = None
+    rng = random.Random(3)
+    while True:
+        with session_scope(sessions) as db:
+            page, after = history.read_page(
                 db_session=db,
-                run_id=run_id,
-                metric_id=metric_id,
+                run_ids=runs,
+                metric_ids=None,
+                start=None,
+                end=None,
+                after=after,
+                limit=rng.choice([1, 7, 500, 1500]),
+            )
+        for s in page:
+            for step, value in s.pairs():
+                assert (s.run_id, s.metric, step) not in got
+                got[(s.run_id, s.metric, step)] = value
+        # points arriving meanwhile, before and after the cursor (odd steps)
+        write(sessions, runs[0], [("loss", rng.randrange(1, 6000, 2), 1.0)])
+        if after is None:
+            break
+    assert set(reference) <= set(got)
+
+
+@contextmanager
+def statements(engine: Engine) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+
+
+@pytest.mark.parametrize("read", ["page", "downsampled", "names"])
+def test_reads_of_many_runs_and_metrics_take_a_constant_number_of_statements(
+    sessions, read
+) -> None:  # type: ignore[no-untyped-def]
+    runs = [new_run(sessions) for _ in range(24)]
+    for run_id in runs:
+        write(sessions, run_id, [(f"m{i}", s, s) for i in range(6) for s in range(300)])
+
+    def count(run_ids: list[int]) -> int:
+        engine = sessions.kw["bind"]
+        with statements(engine) as seen, session_scope(sessions) as db:
+            if read == "page":
+                history.read_page(
+                    db_session=db,
+                    run_ids=run_ids,
+                    metric_ids=None,
+                    start=None,
+                    end=None,
+                    after=None,
+                    limit=100_000,
+                )
+            elif read == "downsampled":
+                history.read_downsampled(
+                    db_session=db,
+                    run_ids=run_ids,
+                    metric_ids=None,
+                    start=None,
+                    end=None,
+                    max_points=40,
+                )
+            else:
+                history.series_of(db_session=db, run_ids=run_ids)
+        return len([s for s in seen if s.lstrip().upper().startswith(("SELECT", "WITH"))])
+
+    # Not one per run or per metric: a page's growing LIMIT adds a statement per doubling only.
+    assert count(runs) <= 4 and count(runs[:2]) <= 4
+
+
+@pytest.mark.parametrize("max_points", [4, 10, 101, 1000])
+def test_downsampling_keeps_the_ends_the_extremes_and_the_budget(sessions, max_points) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(max_points)
+    run_id = new_run(sessions)
+    steps = np.unique(rng.integers(0, 200_000, 20_000))
+    values = rng.normal(size=len(steps))
+    values[rng.integers(0, len(values), 30)] = NAN
+    values[len(values) // 3] = 1e9  # a spike
+    values[len(values) // 2] = -INF
+    for piece in Points.of(steps, values).pieces(3_000):  # several writes, chunk boundaries vary
+        with session_scope(sessions) as db:
+            write_series(db_session=db, run_id=run_id, series={"loss": (piece.steps, piece.values)})
+    truth = dict(zip(steps.tolist(), values.tolist(), strict=True))
+    for start, end in ((None, None), (10_000, 150_000), (5, 5), (40_000, 40_010)):
+        with session_scope(sessions) as db:
+            found, _ = history.read_downsampled(
+                db_session=db,
+                run_ids=[run_id],
+                metric_ids=None,
                 start=start,
                 end=end,
                 max_points=max_points,
             )
-            assert len(got) <= max_points, (start, end)
-            if not inside:
-                assert got == []
-                continue
-            assert got[0] == inside[0] and got[-1] == inside[-1], (start, end)
-            assert [s for s, _ in got] == sorted({s for s, _ in got})
-            assert set(got) <= set(inside), "only stored points come back"
-            if any(v is not None for _, v in inside):
-                assert brute_extremes(got) == brute_extremes(inside), (start, end)
+        got = dict(found[0].pairs()) if found else {}
+        inside = {
+            s: v
+            for s, v in truth.items()
+            if (start or 0) <= s <= (end if end is not None else 2**62)
+        }
+        assert len(got) <= max(max_points, 0) or len(inside) <= max_points
+        assert all(same(got[s], truth[s]) for s in got), "only stored points"
+        if len(inside) <= max_points:
+            assert got.keys() == inside.keys()
+            continue
+        first, last = min(inside), max(inside)
+        assert first in got and last in got
+        numbers = {s: v for s, v in inside.items() if not math.isnan(v)}
+        assert min(numbers, key=lambda s: (numbers[s], s)) in got
+        assert max(numbers, key=lambda s: (numbers[s], -s)) in got
 
 
-def test_downsampling_a_series_of_nan_only_returns_nan_points(sessions) -> None:  # type: ignore[no-untyped-def]
+def test_downsampling_a_history_of_nan_only_returns_nan_points(sessions) -> None:  # type: ignore[no-untyped-def]
     run_id = new_run(sessions)
+    write(sessions, run_id, [("loss", s, NAN) for s in range(5000)])
     with session_scope(sessions) as db:
-        write_points(db_session=db, run_id=run_id, points=[("x", s, NAN) for s in range(5000)])
-        metric_id = history.run_metric_ids(db_session=db, run_id=run_id)["x"]
-        got = downsample(
-            db_session=db, run_id=run_id, metric_id=metric_id, start=None, end=None, max_points=10
+        (series,), _ = history.read_downsampled(
+            db_session=db, run_ids=[run_id], metric_ids=None, start=None, end=None, max_points=20
         )
-    assert 2 <= len(got) <= 10 and got[0] == (0, None) and got[-1] == (4999, None)
-    assert all(v is None for _, v in got)
+    assert 2 <= len(series.points) <= 20 and np.isnan(series.points.values).all()
+    assert series.points.steps[0] == 0 and series.points.steps[-1] == 4999
 
 
-def test_keyset_pages_return_every_point_once_while_points_arrive(sessions) -> None:  # type: ignore[no-untyped-def]
-    run_id = new_run(sessions)
-    with session_scope(sessions) as db:
-        write_points(
-            db_session=db,
-            run_id=run_id,
-            points=[(n, s, 1.0) for n in ("b", "a", "c") for s in range(0, 300, 2)],
-        )
-
-    def read(after: tuple[str, int] | None, limit: int) -> list[tuple[str, int]]:
-        with session_scope(sessions) as db:
-            page = history.read_page(
-                db_session=db,
-                run_id=run_id,
-                names=["a", "c"],
-                start=10,
-                end=None,
-                after=after,
-                limit=limit,
-            )
-        return [(s.metric, step) for s in page for step, _ in s.points]
-
-    before = read(None, 10**6)
-    seen: list[tuple[str, int]] = []
-    while batch := read(seen[-1] if seen else None, 37):
-        seen += batch
-        with session_scope(sessions) as db:  # a writer adds points behind and ahead of the cursor
-            write_points(db_session=db, run_id=run_id, points=[("a", 1001 + len(seen), 2.0)])
-    assert seen == sorted(set(seen)), "in order, no repeats"
-    assert set(before) <= set(seen), "nothing that was there is skipped"
-    assert len(before) == 2 * 145
-
-
-def test_run_metric_ids_lists_each_metric_once(sessions) -> None:  # type: ignore[no-untyped-def]
-    run_id, other = new_run(sessions), new_run(sessions)
-    with session_scope(sessions) as db:
-        write_points(db_session=db, run_id=run_id, points=[("b", 1, 1.0), ("a", 1, 1.0)])
-        write_points(db_session=db, run_id=other, points=[("z", 1, 1.0)])
-        assert history.run_metric_names(db_session=db, run_id=run_id) == ["a", "b"]
-        assert history.run_metric_names(db_session=db, run_id=10**6) == []
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_vectorized_rollups_equal_the_one_point_at_a_time_reference(seed: int) -> None:
-    """Ties, NaN next to ±inf, buckets of NaN only, several metrics, sparse steps."""
-    rng = random.Random(seed)
-    pool = [NAN, INF, -INF, 0.0, 1.0, -1.0, 2.5]
-    keys = {
-        (rng.randint(1, 3), rng.choice([rng.randint(0, 300), rng.randint(0, 10**7)]))
-        for _ in range(2000)
-    }
-    rows = sorted((mid, step, rng.choice(pool)) for mid, step in keys)
-    stored = [(mid, step, None if v != v else v) for mid, step, v in rows]
-    columns = Columns.build(
-        (mid, [s for m, s, _ in rows if m == mid], [v for m, _, v in rows if m == mid])
-        for mid in (1, 2, 3)
-    )
-    assert columns.rows() == stored
-    assert rollup_summaries(columns) == rollup_rows(stored)
-
-
-def test_columns_keep_the_first_of_repeated_keys_in_key_order() -> None:
-    columns = Columns.build([(2, [5, 1, 5], [1.0, 2.0, 3.0]), (1, [9], [NAN]), (2, [1], [4.0])])
-    assert columns.rows() == [(1, 9, None), (2, 1, 2.0), (2, 5, 1.0)]
-
-
-def test_copy_payload_matches_postgresql_binary_format() -> None:
-    rows = [(1, 5, 0.25), (2, 2**40, None)]
-    payload = copy_payload(7, Columns.from_rows(rows))
-    assert payload.startswith(b"PGCOPY\n\xff\r\n\x00") and payload.endswith(b"\xff\xff")
-    assert (
-        len(payload)
-        == 19 + (2 + 4 + 4 + 4 + 4 + 4 + 8 + 4 + 8) + (2 + 4 + 4 + 4 + 4 + 4 + 8 + 4) + 2
-    )
+INSERT_RUN = """
+    INSERT INTO run (id, "index", config, overrides, status, attempt, summary, manifest,
+                     cancel_requested, external, resources, created_at)
+    VALUES (:id, 0, '{}', '{}', 'succeeded', 1, '{}', '{}', false, true, '{}', CURRENT_TIMESTAMP)
+"""
 
 
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
-def test_migration_backfills_rollups_of_existing_points(backend, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
-    """0003 on a database with points: the backfill equals what ingestion maintains."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.db'}"
-    else:
-        url = request.getfixturevalue("pg_empty_url")
-    rng = random.Random(3)
-    points = [(s, rng.choice([None, rng.gauss(0, 1), INF])) for s in range(0, 70_000, 7)]
-    upgrade(url, "0002")
-    engine = make_engine(url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                'INSERT INTO run (id, "index", config, overrides, status, attempt, summary,'
-                " manifest, cancel_requested, created_at, resources) VALUES (1, 0, '{}',"
-                " '{}', 'running', 1, '{}', '{}', false, '2026-01-01', '{}')"
-            )
-        )
-        conn.execute(text("INSERT INTO metric_name (id, name) VALUES (1, 'loss')"))
-        conn.execute(
-            text("INSERT INTO metric VALUES (1, 1, :s, :v)"), [{"s": s, "v": v} for s, v in points]
-        )
-    engine.dispose()
-    upgrade(url)
-    engine = make_engine(url)
-    assert rollups(make_sessionmaker(engine), 1) == rollup_rows([(1, s, v) for s, v in points])
-    engine.dispose()
-
-
-@pytest.mark.postgres
-def test_rest_batches_are_queued_then_moved_in_order_and_reads_never_miss_them(
-    pg_migrated_url: str,
-) -> None:
-    """Write-behind on PostgreSQL: a fresh batch is one queue row; an overlapping one moves the
-    queue first (the first value posted wins, the stored count is exact); a read moves what is
-    queued; a writer that died leaves rows the periodic DeferredWriter moves."""
-    engine = make_engine(pg_migrated_url)
-    sessions = make_sessionmaker(engine)
-    run_id = new_run(sessions)
-
-    def post(points: dict[str, tuple[list[int], list[float]]]) -> int:
-        return log_batch(sessions=sessions, run_id=run_id, series=points)
-
-    def count(table: str) -> int:
-        with session_scope(sessions) as db:
-            sql = text(f"SELECT count(*) FROM {table} WHERE run_id = :run")
-            return int(db.scalar(sql, {"run": run_id}) or 0)
-
-    assert post({"loss": ([0, 1, 2], [1.0, NAN, 3.0]), "acc": ([0], [0.5])}) == 4
-    assert post({"loss": ([3, 4], [4.0, 5.0])}) == 2
-    assert (count("metric_batch_queue"), count("metric")) == (2, 0)
-    # Overlaps the queue: moved first, so step 2 keeps 3.0 and only step 5 is new.
-    assert post({"loss": ([2, 5], [-1.0, 6.0])}) == 1
-    assert count("metric_batch_queue") == 0
-    assert [v for _, _, v in stored(sessions, run_id)] == [0.5, 1.0, None, 3.0, 4.0, 5.0, 6.0]
-    assert post({"loss": ([6], [7.0])}) == 1
-    with session_scope(sessions) as db:  # a read moves the queue of its run first
-        (loss,) = history.read_page(
-            db_session=db, run_id=run_id, names=["loss"], start=5, end=None, after=None, limit=10
-        )
-    assert loss.points == [(5, 6.0), (6, 7.0)]
-    assert post({"loss": ([7, 8], [8.0, 9.0])}) == 2  # left queued, as by a process that died
-    writer = DeferredWriter(engine, interval=0.05).start()
-    try:
-        for _ in range(200):
-            if count("metric_batch_queue") == 0 and count("metric_rollup_pending") == 0:
-                break
-            time.sleep(0.05)
-    finally:
-        writer.stop()
-    assert (count("metric_batch_queue"), count("metric_rollup_pending"), count("metric")) == (
-        0,
-        0,
-        10,
+def test_the_migration_moves_every_point_into_chunks_and_back(backend, tmp_path, request) -> None:  # type: ignore[no-untyped-def]
+    url = (
+        f"sqlite:///{tmp_path / 'm.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("pg_empty_url")
     )
-    assert_rollups_match_points(sessions, run_id)
-    engine.dispose()
-
-
-@pytest.mark.postgres
-def test_a_read_that_moves_queued_batches_needs_no_second_connection_from_its_pool(
-    pg_migrated_url: str,
-) -> None:
-    """With a pool of one connection, held by the reading session, the read still moves the
-    run's queue (on the side pool) instead of waiting for a second connection forever."""
-    engine = make_engine(pg_migrated_url, pool_size=1, max_overflow=0)
+    upgrade(url, "0004")
+    engine = make_engine(url)
+    rng = random.Random(5)
+    truth: dict[tuple[int, int, int], float] = {}
+    with engine.begin() as conn:
+        for run_id in (1, 2):
+            conn.execute(text(INSERT_RUN), {"id": run_id})
+        conn.execute(text("INSERT INTO metric_name (id, name) VALUES (1, 'loss'), (2, 'acc')"))
+        rows = []
+        for run_id in (1, 2):
+            for metric_id in (1, 2):
+                for step in sorted(rng.sample(range(10**6), 2500)):
+                    value = rng.choice([rng.random(), NAN, INF, -INF])
+                    truth[(run_id, metric_id, step)] = value
+                    rows.append(
+                        {
+                            "r": run_id,
+                            "m": metric_id,
+                            "s": step,
+                            "v": None if math.isnan(value) else value,
+                        }
+                    )
+        conn.execute(
+            text("INSERT INTO metric (run_id, metric_id, step, value) VALUES (:r, :m, :s, :v)"),
+            rows,
+        )
+    upgrade(url)
     sessions = make_sessionmaker(engine)
-    run_id = new_run(sessions)
-    assert log_batch(sessions=sessions, run_id=run_id, series={"x": ([0, 1], [1.0, 2.0])}) == 2
-    with session_scope(sessions) as db:
-        queued = db.scalar(
-            text("SELECT count(*) FROM metric_batch_queue WHERE run_id = :r"), {"r": run_id}
-        )
-        assert queued == 1
-        (x,) = history.read_page(
-            db_session=db, run_id=run_id, names=None, start=None, end=None, after=None, limit=10
-        )
-    assert x.points == [(0, 1.0), (1, 2.0)]
+    got = {}
+    for run_id in (1, 2):
+        for (_, name, step), value in stored(sessions, run_id).items():
+            got[(run_id, {"loss": 1, "acc": 2}[name], step)] = value
+    assert got.keys() == truth.keys() and all(same(got[k], truth[k]) for k in truth)
+    downgrade(url, "0004")
+    with engine.connect() as conn:
+        back = {
+            (r, m, s): NAN if v is None else v
+            for r, m, s, v in conn.execute(
+                text("SELECT run_id, metric_id, step, value FROM metric")
+            )
+        }
+        levels = conn.execute(text("SELECT count(DISTINCT level) FROM metric_rollup")).scalar()
+    assert back.keys() == truth.keys() and all(same(back[k], truth[k]) for k in truth)
+    assert levels == 12, "the rollups are rebuilt"
     engine.dispose()
