@@ -206,3 +206,55 @@ def test_sweep_stream_delivers_every_runs_points_once_across_reconnects(
     }
     want = [(a, s) for s in range(80)] + [(b, s) for s in range(30)] + [(c, s) for s in range(11)]
     assert sorted(received) == sorted(want) and len(received) == len(set(received))
+
+
+def test_every_subscriber_of_a_live_sweep_gets_every_point_while_writers_race(
+    server: str, db_url: str
+) -> None:
+    """25 subscribers (joining at different times, so most catch up behind the shared feed)
+    and 3 concurrent writers, each batch all metrics of a few steps, as the dispatcher's."""
+    spec = {"base": {"data": {"n": 8, "d": 4}, "steps": 5}, "grid": {"seed": [0, 1, 2]}}
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    metrics = ("loss", "acc", "ntk_lambda_min")
+    with httpx.Client(base_url=server) as http:
+        created = http.post(f"{V1}/sweeps", json=spec).json()
+    for run_id in created["run_ids"]:
+        with session_scope(sessions) as db:
+            transition(db_session=db, run_id=run_id, expected="queued", new="running")
+    url = f"{server}{V1}/sweeps/{created['id']}/stream"
+    received: dict[int, list[tuple[int, str, int]]] = {}
+    ended: dict[int, Any] = {}
+
+    def subscribe(index: int) -> None:
+        time.sleep(index * 0.03)
+        got = received.setdefault(index, [])
+        with httpx.Client(timeout=60) as http, http.stream("GET", url) as response:
+            for event in events(response):
+                if event.event == "metrics":
+                    run_id = event.json()["run_id"]
+                    got += [(run_id, m, s) for m, s, _ in points_of(event)]
+                elif event.event == "end":
+                    ended[index] = event.json()
+                    return
+
+    def write(run_id: int) -> None:
+        for first in range(0, 300, 7):
+            points = [(m, s, s / 3) for s in range(first, first + 7) for m in metrics]
+            with session_scope(sessions) as db:
+                write_points(db_session=db, run_id=run_id, points=points)
+            time.sleep(0.005)
+        with session_scope(sessions) as db:
+            transition(db_session=db, run_id=run_id, expected="running", new="succeeded")
+
+    subscribers = [threading.Thread(target=subscribe, args=(i,)) for i in range(25)]
+    writers = [threading.Thread(target=write, args=(r,)) for r in created["run_ids"]]
+    for thread in subscribers + writers:
+        thread.start()
+    for thread in subscribers + writers:
+        thread.join(120)
+    engine.dispose()
+    want = sorted((r, m, s) for r in created["run_ids"] for m in metrics for s in range(301))
+    assert len(ended) == 25
+    for index, got in received.items():
+        assert sorted(got) == want and len(got) == len(set(got)), f"subscriber {index}"
