@@ -60,11 +60,12 @@ class Points:
         """Points of disjoint parts, in step order."""
         if len(parts) == 1:
             return parts[0]
-        merged = cls(
-            np.concatenate([p.steps for p in parts]), np.concatenate([p.values for p in parts])
-        )
-        order = np.argsort(merged.steps, kind="stable")
-        return cls(merged.steps[order], merged.values[order])
+        steps = np.concatenate([p.steps for p in parts])
+        values = np.concatenate([p.values for p in parts])
+        if (np.diff(steps) > 0).all():  # the parts were in order already (pages, streams)
+            return cls(steps, values)
+        order = np.argsort(steps, kind="stable")
+        return cls(steps[order], values[order])
 
     def __len__(self) -> int:
         return len(self.steps)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any
 
 import numpy as np
@@ -120,62 +121,40 @@ def read_page(
     """Up to ``limit`` points ordered by (run, metric id, step), strictly after ``after``, and
     the cursor of the next page (None: this is the last)."""
     where = _where(run_ids, metric_ids, start, end)
+    order = (MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
     parts: list[tuple[Key, Points]] = []
-    got, fetch, key = 0, limit // CHUNK_POINTS + 2, after
-    while got <= limit:
-        query = select(
-            MetricChunk.run_id,
-            MetricChunk.metric_id,
-            MetricChunk.last_step,
-            MetricChunk.step_array,
-            MetricChunk.value_array,
-        ).where(*where)
+    left, fetch, key = limit, limit // CHUNK_POINTS + 2, after
+    while True:
+        query = select(*order, MetricChunk.step_array, MetricChunk.value_array).where(*where)
         if key is not None:
-            chunk_key = tuple_(MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
-            query = query.where(chunk_key > tuple_(*key))
-        order = (MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
+            query = query.where(tuple_(*order) > tuple_(*key))
         rows = db_session.execute(query.order_by(*order).limit(fetch)).all()
         for run_id, metric_id, last_step, steps, values in rows:
             first = start
             if after is not None and (run_id, metric_id) == after[:2]:
-                first = after[2] + 1 if start is None else max(start, after[2] + 1)
+                first = max(start or 0, after[2] + 1)
             points = Points.decode(steps, values).between(first, end)
-            parts.append(((run_id, metric_id), points))
-            got += len(points)
+            if len(points) > left:  # the page ends inside this chunk
+                if left:
+                    parts.append(((run_id, metric_id), points.where(np.arange(len(points)) < left)))
+                (run_id, metric_id), last = parts[-1]
+                return _named(db_session, parts), (run_id, metric_id, int(last.steps[-1]))
+            if len(points):
+                parts.append(((run_id, metric_id), points))
+                left -= len(points)
             key = (run_id, metric_id, last_step)
         if len(rows) < fetch:
-            break
+            return _named(db_session, parts), None
         fetch *= 2
-    series, next_cursor = _cut(parts, limit)
-    return _named(db_session, series), next_cursor
 
 
-def _cut(
-    parts: list[tuple[Key, Points]], limit: int
-) -> tuple[list[tuple[Key, Points]], Cursor | None]:
-    """The first ``limit`` points of ``parts`` joined per series; the cursor if more remain."""
-    out: list[tuple[Key, list[Points]]] = []
-    left = limit
-    for key, points in parts:
-        if not len(points):
-            continue
-        if left == 0:
-            last_key, last = out[-1][0], out[-1][1][-1]
-            return [(k, Points.join(p)) for k, p in out], (*last_key, int(last.steps[-1]))
-        taken = Points(points.steps[:left], points.values[:left])
-        if out and out[-1][0] == key:
-            out[-1][1].append(taken)
-        else:
-            out.append((key, [taken]))
-        left -= len(taken)
-        if len(taken) < len(points):
-            return [(k, Points.join(p)) for k, p in out], (*key, int(taken.steps[-1]))
-    return [(k, Points.join(p)) for k, p in out], None
-
-
-def _named(db_session: Session, series: list[tuple[Key, Points]]) -> list[Series]:
-    names = metric_names(db_session=db_session, metric_ids=[mid for (_, mid), _ in series])
-    return [Series(run_id, names[mid], points) for (run_id, mid), points in series]
+def _named(db_session: Session, parts: list[tuple[Key, Points]]) -> list[Series]:
+    """Series of consecutive parts of the same history, joined, with their names."""
+    names = metric_names(db_session=db_session, metric_ids=[mid for (_, mid), _ in parts])
+    return [
+        Series(run_id, names[mid], Points.join([points for _, points in group]))
+        for (run_id, mid), group in groupby(parts, key=lambda part: part[0])
+    ]
 
 
 def iter_series(
@@ -220,7 +199,6 @@ _SUMMARY = (
     MetricChunk.max_step,
     MetricChunk.max_value,
 )
-Summary = tuple[int, Any, int, Any, int, Any, int, Any]  # first, last, min, max: (step, value)
 
 
 def downsample(
@@ -236,9 +214,9 @@ def downsample(
     The range is cut into ``max_points // 4`` buckets of equal step width; each keeps its
     first, last, lowest and highest point (M4), so the ends, the minimum and the maximum,
     spikes and divergence (NaN, ±inf) survive any reduction. A chunk no wider than a bucket
-    counts whole in the bucket of its first step (its stored summary is the bucket's part);
-    wider chunks and those that stick out of the range are read and split point by point. A
-    range with at most ``max_points`` steps comes back whole.
+    counts in the bucket of its first step with its four summary points; wider chunks and
+    those that stick out of the range are read and bucketed point by point. A range with at
+    most ``max_points`` steps comes back whole.
     """
     if not keys:
         return {}
@@ -247,52 +225,79 @@ def downsample(
     rows = db_session.execute(
         select(*_SUMMARY).where(*_where(run_ids, metric_ids, start, end)).order_by(*order)
     ).all()
-    chunks: dict[Key, list[Any]] = {key: [] for key in keys}
+    chunks: dict[Key, list[Any]] = {}
     for row in rows:
-        if (row.run_id, row.metric_id) in chunks:
-            chunks[(row.run_id, row.metric_id)].append(row)
-    lo_of = {key: max(start or 0, rows[0].first_step) for key, rows in chunks.items() if rows}
-    hi_of = {
-        key: min(end, rows[-1].last_step) if end is not None else rows[-1].last_step
-        for key, rows in chunks.items()
-        if rows
+        chunks.setdefault((row.run_id, row.metric_id), []).append(row)
+    plans = {
+        key: _Plan(rows, start, end, max_points) for key, rows in chunks.items() if key in keys
     }
-    groups = max(1, max_points // 4)
-    width = {key: -(-(hi_of[key] - lo_of[key] + 1) // groups) for key in lo_of}
-    whole = {key for key in lo_of if hi_of[key] - lo_of[key] + 1 <= max_points}
-    read = [
-        (row.run_id, row.metric_id, row.last_step)
-        for key in lo_of
-        for row in chunks[key]
-        if key in whole
-        or row.first_step < lo_of[key]
-        or row.last_step > hi_of[key]
-        or row.last_step - row.first_step >= width[key]
-    ]
-    arrays = _arrays(db_session, read)
-    out: dict[Key, Points] = {}
-    for key in lo_of:
-        lo, hi = lo_of[key], hi_of[key]
-        if key in whole:
-            parts = [arrays[(*key, row.last_step)].between(lo, hi) for row in chunks[key]]
-            out[key] = Points.join(parts) if parts else Points.empty()
-            continue
-        buckets: dict[int, Summary] = {}
-        for row in chunks[key]:
-            points = arrays.get((*key, row.last_step))
-            if points is None:
-                _fold(buckets, (row.first_step - lo) // width[key], _stored_summary(row))
-            else:
-                points = points.between(lo, hi)
-                index = (points.steps - lo) // width[key]
-                for bucket in np.unique(index).tolist():
-                    _fold(buckets, bucket, _summary(points.where(index == bucket)))
-        out[key] = _points_of(buckets.values())
+    arrays = _arrays(
+        db_session, [(*key, row.last_step) for key, plan in plans.items() for row in plan.read]
+    )
+    out = {}
+    for key, plan in plans.items():
+        parts = [arrays[(*key, row.last_step)].between(plan.lo, plan.hi) for row in plan.read]
+        out[key] = plan.reduce(parts)
     return out
 
 
-def _arrays(db_session: Session, keys: list[tuple[int, int, int]]) -> dict[tuple, Points]:
-    out: dict[tuple, Points] = {}
+class _Plan:
+    """How one history is downsampled: its range and buckets, and which chunks to read."""
+
+    def __init__(self, rows: list[Any], start: int | None, end: int | None, max_points: int):
+        self.lo = max(start or 0, rows[0].first_step)
+        self.hi = rows[-1].last_step if end is None else min(end, rows[-1].last_step)
+        self.whole = self.hi - self.lo + 1 <= max_points
+        self.width = -(-(self.hi - self.lo + 1) // max(1, max_points // 4))
+        self.read = [row for row in rows if self.whole or not self._summarized(row)]
+        self.summarized = [row for row in rows if not self.whole and self._summarized(row)]
+
+    def _summarized(self, row: Any) -> bool:
+        inside = self.lo <= row.first_step and row.last_step <= self.hi
+        return inside and row.last_step - row.first_step < self.width
+
+    def reduce(self, parts: list[Points]) -> Points:
+        """The read points (``parts``) and the summaries, four points per bucket at most."""
+        if self.whole:
+            return Points.join(parts) if parts else Points.empty()
+        nan = float("nan")
+        candidates = [
+            ((row.first_step, row.first_value), (row.last_step, row.last_value),
+             (row.min_step, row.min_value), (row.max_step, row.max_value))
+            for row in self.summarized
+        ]  # fmt: skip
+        steps = [step for four in candidates for step, _ in four]
+        values = [nan if v is None else v for four in candidates for _, v in four]
+        where = [four[0][0] for four in candidates for _ in four]  # a chunk's bucket: its first
+        for part in parts:
+            steps += part.steps.tolist()
+            values += part.values.tolist()
+            where += part.steps.tolist()
+        return m4(
+            np.array(steps, np.int64), np.array(values), (np.array(where) - self.lo) // self.width
+        )
+
+
+def m4(steps: np.ndarray, values: np.ndarray, buckets: np.ndarray) -> Points:
+    """Of points in buckets, each bucket's first, last, lowest and highest (NaN never the
+    lowest or highest; ties go to the earlier step), in step order, each point once."""
+    keep = np.zeros(len(steps), dtype=bool)
+    by_step = np.lexsort((steps, buckets))
+    starts = np.r_[True, buckets[by_step][1:] != buckets[by_step][:-1]]
+    ends = np.r_[starts[1:], True]
+    keep[by_step[starts]] = keep[by_step[ends]] = True
+    numbers = np.flatnonzero(~np.isnan(values))
+    for sign in (1, -1) if len(numbers) else ():
+        order = numbers[np.lexsort((steps[numbers], sign * values[numbers], buckets[numbers]))]
+        first = np.r_[True, buckets[order][1:] != buckets[order][:-1]]
+        keep[order[first]] = True
+    return Points.of(steps[keep], values[keep])
+
+
+def _arrays(
+    db_session: Session, keys: list[tuple[int, int, int]]
+) -> dict[tuple[int, int, int], Points]:
+    out: dict[tuple[int, int, int], Points] = {}
     chunk_key = tuple_(MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
     for i in range(0, len(keys), 1000):  # bound the statement's parameters
         rows = db_session.execute(
@@ -307,67 +312,6 @@ def _arrays(db_session: Session, keys: list[tuple[int, int, int]]) -> dict[tuple
         for run_id, metric_id, last_step, steps, values in rows:
             out[(run_id, metric_id, last_step)] = Points.decode(steps, values)
     return out
-
-
-def _stored_summary(row: Any) -> Summary:
-    """A chunk's summary columns; NULL is NaN (a min or max NULL: every value is NaN)."""
-    return (
-        row.first_step,
-        row.first_value,
-        row.last_step,
-        row.last_value,
-        row.min_step,
-        row.min_value,
-        row.max_step,
-        row.max_value,
-    )
-
-
-def _summary(points: Points) -> Summary:
-    row = points.summary()
-    return (
-        row["first_step"],
-        row["first_value"],
-        row["last_step"],
-        row["last_value"],
-        row["min_step"],
-        row["min_value"],
-        row["max_step"],
-        row["max_value"],
-    )
-
-
-def _fold(buckets: dict[int, Summary], bucket: int, new: Summary) -> None:
-    """Merge ``new`` into the bucket's summary: the earliest first, the latest last, the
-    lowest and highest numbers (a number beats NaN; ties go to the earlier step)."""
-    old = buckets.get(bucket)
-    if old is None:
-        buckets[bucket] = new
-        return
-    first = old[0:2] if old[0] <= new[0] else new[0:2]
-    last = old[2:4] if old[2] >= new[2] else new[2:4]
-    low = _better(old[4:6], new[4:6], lambda a, b: a < b)
-    high = _better(old[6:8], new[6:8], lambda a, b: a > b)
-    buckets[bucket] = (*first, *last, *low, *high)
-
-
-def _better(a: tuple, b: tuple, beats: Any) -> tuple:
-    if a[1] is None or b[1] is None:
-        if a[1] is None and b[1] is None:
-            return a if a[0] <= b[0] else b
-        return b if a[1] is None else a
-    if beats(b[1], a[1]) or (b[1] == a[1] and b[0] < a[0]):
-        return b
-    return a
-
-
-def _points_of(summaries: Any) -> Points:
-    chosen: dict[int, float] = {}
-    for first, fv, last, lv, low, lowv, high, highv in summaries:
-        for step, value in ((first, fv), (last, lv), (low, lowv), (high, highv)):
-            chosen[step] = np.nan if value is None else value
-    steps = sorted(chosen)
-    return Points(np.array(steps, dtype=np.int64), np.array([chosen[s] for s in steps]))
 
 
 def read_downsampled(

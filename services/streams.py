@@ -196,21 +196,13 @@ def decode_positions(event_id: str) -> dict[int, int]:
     return positions
 
 
-def event_id(source: Source, positions: dict[int, int], run_id: int) -> str:
-    """A run stream's id is its last step; a sweep stream's packs every run's."""
-    return str(positions[run_id]) if source.kind == "run" else encode_positions(positions)
-
-
 @dataclass(frozen=True)
 class Event:
-    """What a feed sends: its bytes, and what a subscriber needs to tell if they fit it."""
+    """What a feed sends: its bytes, and for a status event the state it shows."""
 
     kind: str  # "metrics" | "status" | "end"
-    run_id: int
     data: bytes
-    shown: tuple[str, str | None] | None = None  # status events: (status, error)
-    before: dict[int, int] | None = None  # metrics events: the positions they continue
-    series: list[Series] | None = None
+    shown: tuple[int, str, str | None] | None = None  # (run id, status, error)
 
 
 @dataclass
@@ -224,31 +216,27 @@ class Cursor:
 
     def events(self, result: Poll, may_end: bool = True) -> list[Event]:
         """The events of a poll (advancing the cursor), with ``end`` once everything is out."""
-        out: list[Event] = []
+        out = []
         for state in result.states:
-            if self.shown.get(state.run_id) != (state.status, state.error):
-                self.shown[state.run_id] = (state.status, state.error)
-                data = frame("status", status_data(state))
-                out.append(Event("status", state.run_id, data, (state.status, state.error)))
+            shown = (state.run_id, state.status, state.error)
+            if self.new_state(shown):
+                out.append(Event("status", frame("status", status_data(state)), shown))
         for state in result.states:
             series = result.news.get(state.run_id)
             if series:
-                before = dict(self.positions)
                 self.positions[state.run_id] = max(int(s.points.steps[-1]) for s in series)
-                out.append(self.metrics_event(state.run_id, series, before))
+                event_id = (
+                    str(self.positions[state.run_id])
+                    if self.source.kind == "run"
+                    else encode_positions(self.positions)
+                )
+                data = frame("metrics", metrics_data(state.run_id, series), event_id)
+                out.append(Event("metrics", data))
             if state.final and not result.more:
                 self.drained.add(state.run_id)
         if may_end and all(s.run_id in self.drained for s in result.states):
-            out.append(Event("end", 0, frame("end", self.end_data(result.states))))
+            out.append(Event("end", frame("end", self.end_data(result.states))))
         return out
-
-    def metrics_event(self, run_id: int, series: list[Series], before: dict[int, int]) -> Event:
-        data = frame(
-            "metrics",
-            metrics_data(run_id, series),
-            event_id(self.source, self.positions, run_id),
-        )
-        return Event("metrics", run_id, data, before=before, series=series)
 
     def end_data(self, found: list[RunState]) -> str:
         if self.source.kind == "run":
@@ -259,29 +247,17 @@ class Cursor:
             counts[state.status] = counts.get(state.status, 0) + 1
         return json.dumps({"sweep_id": self.source.id, "status_counts": counts})
 
+    def new_state(self, shown: tuple[int, str, str | None]) -> bool:
+        """Whether a run's (status, error) is not the one shown last; it is shown now."""
+        run_id, status, error = shown
+        if self.shown.get(run_id) == (status, error):
+            return False
+        self.shown[run_id] = (status, error)
+        return True
+
     def accept(self, event: Event) -> bytes | None:
-        """The bytes of a feed's event for this reader (None: nothing new for it)."""
-        if event.kind == "status":
-            if self.shown.get(event.run_id) == event.shown:
-                return None
-            assert event.shown is not None
-            self.shown[event.run_id] = event.shown
-            return event.data
-        if event.kind == "end":
-            return event.data
-        assert event.series is not None and event.before is not None
-        if event.before == self.positions:  # in step with the feed: its bytes fit
-            self.positions[event.run_id] = max(int(s.points.steps[-1]) for s in event.series)
-            return event.data
-        after = self.positions.get(event.run_id, -1)
-        series = [
-            Series(s.run_id, s.metric, s.points.between(after + 1, None)) for s in event.series
-        ]
-        series = [s for s in series if len(s.points)]
-        if not series:
-            return None
-        self.positions[event.run_id] = max(int(s.points.steps[-1]) for s in series)
-        return self.metrics_event(event.run_id, series, {}).data
+        """The bytes of a feed's event for this reader (a state shown already is not again)."""
+        return None if event.shown is not None and not self.new_state(event.shown) else event.data
 
 
 # -- feeds -------------------------------------------------------------------------------------
@@ -327,11 +303,11 @@ class Feed:
                 if not found.more:
                     await asyncio.sleep(self.hub.poll_s)
         except Exception:  # its subscribers end their streams; clients resume from their ids
-            log.exception(
-                "the live feed of %s %s failed", self.cursor.source.kind, self.cursor.source.id
-            )
+            source = self.cursor.source
+            log.exception("the live feed of %s %s failed", source.kind, source.id)
         finally:
-            self.hub.feeds.pop(self.key, None)
+            if self.hub.feeds.get(self.key) is self:
+                del self.hub.feeds[self.key]
             for subscriber in self.subscribers:
                 subscriber.dropped = True
                 with contextlib.suppress(asyncio.QueueFull):
@@ -353,15 +329,25 @@ class Hub:
 
         return await asyncio.to_thread(run)
 
+    def _feed(self, source: Source, names: Sequence[str] | None, positions: dict[int, int]) -> Feed:
+        """The stream's shared feed, unless the reader is ahead of it somewhere: then a feed
+        of its own (the shared one's events would repeat points it has)."""
+        key: Any = (source, None if names is None else tuple(sorted(set(names))))
+        feed = self.feeds.get(key)
+        if feed is not None and any(
+            step > feed.cursor.positions.get(run_id, -1) for run_id, step in positions.items()
+        ):
+            key, feed = (*key, object()), None
+        if feed is None:
+            feed = self.feeds[key] = Feed(self, key, Cursor(source, dict(positions)), names)
+        return feed
+
     async def events(
         self, source: Source, names: Sequence[str] | None, positions: dict[int, int]
     ) -> AsyncIterator[bytes]:
         """A subscriber's events: its catch-up, then the feed's, until ``end``."""
-        key = (source, None if names is None else tuple(sorted(set(names))))
         positions = {run_id: step for run_id, step in positions.items() if step >= 0}
-        feed = self.feeds.get(key)
-        if feed is None:
-            feed = self.feeds[key] = Feed(self, key, Cursor(source, dict(positions)), names)
+        feed = self._feed(source, names, positions)
         subscriber = Subscriber(Cursor(source, positions), dict(feed.cursor.positions))
         feed.subscribers.add(subscriber)
         if feed.task is None:
