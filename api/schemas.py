@@ -30,6 +30,21 @@ class SweepCreated(Public):
     run_ids: list[int]
 
 
+class PlannedRunPublic(BaseModel):
+    index: int
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    resources: dict[str, Any]
+
+
+class SweepPlan(BaseModel):
+    """What ``POST /sweeps?dry_run=true`` answers: the runs the spec expands to, not stored."""
+
+    name: str
+    run_count: int
+    runs: list[PlannedRunPublic]
+
+
 class SweepsPublic(BaseModel):
     data: list[SweepPublic]
     count: int

@@ -4,21 +4,43 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import select
 
 from api.deps import SessionDep, SettingsDep
-from api.schemas import SweepCreated, SweepPublic, SweepsPublic
+from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.models import Run
-from services.sweeps import SweepSpec, create_sweep
+from services.sweeps import SweepSpec, create_sweep, plan_sweep
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated)
-def create(spec: SweepSpec, db: SessionDep, settings: SettingsDep) -> SweepCreated:
-    """Validate a sweep spec, expand its grid and queue every run."""
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated | SweepPlan)
+def create(
+    spec: SweepSpec,
+    db: SessionDep,
+    settings: SettingsDep,
+    response: Response,
+    dry_run: Annotated[
+        bool, Query(description="validate and expand only: 200 with the runs, nothing stored")
+    ] = False,
+) -> SweepCreated | SweepPlan:
+    """Validate a sweep spec, expand its grid and queue every run (``dry_run``: only show the
+    runs it expands to)."""
+    if dry_run:
+        response.status_code = status.HTTP_200_OK
+        planned = plan_sweep(db_session=db, spec=spec, settings=settings)
+        runs = [
+            PlannedRunPublic(
+                index=i,
+                overrides=p.overrides,
+                config=p.config.model_dump(mode="json"),
+                resources=p.resources,
+            )
+            for i, p in enumerate(planned)
+        ]
+        return SweepPlan(name=spec.name, run_count=len(runs), runs=runs)
     sweep = create_sweep(db_session=db, spec=spec, settings=settings)
     run_ids = list(db.scalars(select(Run.id).where(Run.sweep_id == sweep.id).order_by(Run.id)))
     return SweepCreated(id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids)

@@ -44,6 +44,19 @@ def test_create_sweep_expands_runs_in_one_transaction(client: TestClient) -> Non
     assert widths == [(w, s) for w in (16, 32) for s in (0, 1, 2)]
 
 
+def test_a_dry_run_validates_and_expands_without_storing(client: TestClient) -> None:
+    planned = client.post("/api/v1/sweeps", params={"dry_run": True}, json=QUICK)
+    assert planned.status_code == 200, planned.text
+    body = planned.json()
+    assert body["name"] == "t" and body["run_count"] == 6 and len(body["runs"]) == 6
+    first = body["runs"][0]
+    assert first["overrides"] == {"width": 16, "seed": 0} and first["config"]["width"] == 16
+    assert first["config"]["data"]["n"] == 8 and first["resources"]["cpus"] >= 1
+    assert client.get("/api/v1/sweeps").json()["count"] == 0
+    bad = client.post("/api/v1/sweeps", params={"dry_run": True}, json=QUICK | {"gird": {}})
+    assert "did you mean 'grid'" in fields(assert_problem(bad, 422))["gird"]["reason"]
+
+
 def test_run_json_carries_state_summary_and_manifest(client: TestClient) -> None:
     run_id = client.post("/api/v1/sweeps", json=QUICK).json()["run_ids"][0]
     run = client.get(f"/api/v1/runs/{run_id}").json()
