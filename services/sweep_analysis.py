@@ -158,19 +158,21 @@ def group_runs(
 
 NO_STATS: Mapping[str, Any] = {
     "mean": None, "std": None, "sem": None, "min": None, "max": None, "n": 0,
-    "median": None, "geomean": None, "spans_decades": False,
+    "median": None, "geomean": None, "geostd": None, "spans_decades": False,
 }  # fmt: skip
 
 
 def describe(values: Sequence[float | None]) -> dict[str, Any]:
     """Mean, sample standard deviation (n ≥ 2), standard error, min, max, count, median, and
-    for positive values their geometric mean and whether they span ≥ ``DECADES`` (then the
-    arithmetic mean is the largest value's, and the geometric mean is the one to read)."""
+    for positive values their geometric mean, geometric standard deviation (the factor
+    e^std(ln x)) and whether they span ≥ ``DECADES`` (then the arithmetic mean is the largest
+    value's, and the geometric mean is the one to read)."""
     xs = np.array([v for v in values if v is not None], float)
     if not len(xs):
         return dict(NO_STATS)
     std = float(xs.std(ddof=1)) if len(xs) > 1 else None
     positive = bool((xs > 0).all())
+    logs = np.log(xs) if positive else None
     return {
         "mean": float(xs.mean()),
         "std": std,
@@ -179,7 +181,8 @@ def describe(values: Sequence[float | None]) -> dict[str, Any]:
         "max": float(xs.max()),
         "n": len(xs),
         "median": float(np.median(xs)),
-        "geomean": float(np.exp(np.log(xs).mean())) if positive else None,
+        "geomean": float(np.exp(logs.mean())) if logs is not None else None,
+        "geostd": float(np.exp(logs.std(ddof=1))) if logs is not None and len(xs) > 1 else None,
         "spans_decades": positive and float(xs.max()) >= DECADES * float(xs.min()),
     }
 

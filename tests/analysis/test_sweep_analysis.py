@@ -167,7 +167,7 @@ def test_quantities_spanning_decades_get_a_geometric_mean_and_a_median() -> None
     stats = describe([1e-2, 1e-16, 1e-30])
     assert stats["mean"] == pytest.approx(1e-2 / 3)
     assert stats["geomean"] == pytest.approx(1e-16) and stats["median"] == 1e-16
-    assert stats["spans_decades"] is True
+    assert stats["spans_decades"] is True and stats["geostd"] == pytest.approx(1e14)
     close = describe([1.0, 2.0, 4.0])
     assert close["geomean"] == pytest.approx(2.0) and close["spans_decades"] is False
     assert describe([-1.0, 1.0])["geomean"] is None
