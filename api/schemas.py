@@ -53,6 +53,7 @@ class SweepsPublic(BaseModel):
 class RunPublic(Public):
     id: int
     sweep_id: int | None
+    external: bool
     index: int
     status: RunStatus
     attempt: int

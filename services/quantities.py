@@ -65,6 +65,18 @@ LABELS: dict[str, str] = {
     "y_Hinv_y": "yᵀ(H^∞)⁻¹y",
     "distance_ratio": "‖θ(K) − θ(0)‖ / √(yᵀ(H^∞)⁻¹y)",
     "ntk_rel_change_max": "max_k ‖H(k) − H(0)‖_F / ‖H(0)‖_F",
+    "within_du_bound": "fitted rate within Du's bound",
+    "loss_threshold": "loss threshold",
+    "steps_done": "steps done",
+    "eta": "step size η",
+    "eta_lambda0": "η·λ₀",
+    "eta_lambda_max_initial": "η·λ_max(H(0))",
+    "edge_of_stability_step": "step where η·λ_max(H(k)) crossed 2",
+    "stays_above_half_lambda0": "λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 throughout",
+    "predicted_distance": "√(yᵀ(H^∞)⁻¹y)",
+    "measured_distance": "‖θ(K) − θ(0)‖",
+    "predicted_final_loss": "final L(K) linearized on H^∞",
+    "final_loss_ratio": "final L(K) / linearized",
 }
 LAYER_LABELS: dict[str, str] = {
     LAYER_METRICS["weight_dist"]: "‖W − W(0)‖_F",

@@ -19,12 +19,20 @@ def list_(
     db: SessionDep,
     sweep_id: int | None = None,
     status: RunStatus | None = None,
+    external: Annotated[
+        bool | None, Query(description="only external runs (true) or only the cluster's (false)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> RunsPublic:
-    """Runs in id order, optionally of one sweep and/or in one state."""
+    """Runs in id order, optionally of one sweep, in one state, external or not."""
     runs, count = run_service.list_runs(
-        db_session=db, sweep_id=sweep_id, status=status, limit=limit, offset=offset
+        db_session=db,
+        sweep_id=sweep_id,
+        status=status,
+        external=external,
+        limit=limit,
+        offset=offset,
     )
     return RunsPublic(data=[RunPublic.model_validate(r) for r in runs], count=count)
 

@@ -81,6 +81,14 @@ def test_list_filters_and_paginates(client: TestClient) -> None:
     assert [r["id"] for r in page["data"]] == first["run_ids"][3:6] and page["count"] == 7
 
 
+def test_runs_filter_external_ones(client: TestClient) -> None:
+    client.post("/api/v1/sweeps", json=QUICK)
+    external = client.post("/api/v1/runs", json={"config": {"lr": 0.1}, "external": True}).json()
+    listed = client.get("/api/v1/runs", params={"external": True}).json()
+    assert [r["id"] for r in listed["data"]] == [external["id"]] and listed["data"][0]["external"]
+    assert client.get("/api/v1/runs", params={"external": False}).json()["count"] == 6
+
+
 def test_cancel_queued_then_conflict(client: TestClient) -> None:
     run_id = client.post("/api/v1/sweeps", json=QUICK).json()["run_ids"][0]
     assert client.post(f"/api/v1/runs/{run_id}/cancel").json()["status"] == "cancelled"
