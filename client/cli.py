@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -35,6 +36,20 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1)
 
 
+def invocation() -> tuple[str, str]:
+    """(how to call this CLI from a shell here, how to put it on the PATH): ``overparam`` when
+    the PATH finds this installation's script, else that script's path (``.venv/bin/overparam``)
+    and its virtualenv's ``activate``; ``python -m client.cli`` without a script."""
+    script = Path(sys.executable).with_name("overparam")
+    if not script.exists():
+        return f"{sys.executable} -m client.cli", ""
+    found = shutil.which("overparam")
+    if found and Path(found).resolve() == script.resolve():
+        return "overparam", ""
+    where = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    return str(where), f"`source {where.parent / 'activate'}` puts overparam on your PATH"
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
@@ -52,11 +67,13 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = get_settings()
+    command, hint = invocation()
     console.print(
         f"[bold]overparam[/bold] listening on http://{host}:{port}  "
         f"(database {settings.database_url}, "
         f"Ray {settings.ray_address or 'local'}, API docs at http://{host}:{port}/docs)\n"
-        f"Submit the example:  overparam submit examples/quickstart.yaml --url http://{host}:{port}"
+        f"Submit the example from another terminal: {command} submit "
+        f"examples/quickstart.yaml --url http://{host}:{port}" + (f"\n({hint})" if hint else "")
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 

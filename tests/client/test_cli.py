@@ -146,6 +146,24 @@ def test_sweeps_cancel_and_a_run_plot(server: str, db_url: str, tmp_path: Path) 
     assert result.exit_code == 2 and "overparam plot SWEEP KIND" in result.output
 
 
+def test_serve_says_how_to_call_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After bootstrap.py the script is in .venv/bin, not on the PATH: say where, and how."""
+    import shutil
+    import sys
+
+    from client.cli import invocation
+
+    script = Path(sys.executable).with_name("overparam")
+    if not script.exists():
+        pytest.skip("no overparam script next to this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    command, hint = invocation()
+    assert Path(command).resolve() == script.resolve() and shutil.which(command) is not None
+    assert hint == f"`source {Path(command).parent / 'activate'}` puts overparam on your PATH"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert invocation() == ("overparam", "")
+
+
 def test_cli_import_is_light() -> None:
     """`overparam runs` must not pay for torch, Ray or the server stack at start-up."""
     import subprocess
