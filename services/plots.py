@@ -65,15 +65,11 @@ def _series(
         end=None,
         max_points=PLOT_POINTS,
     )
-    series: dict[str, list[tuple[int, Any]]] = {}
-    for s in found:  # grouped here: pages need not come in name order
-        series.setdefault(s.metric, []).extend(s.points)
-    return series
+    return {s.metric: list(s.points) for s in found}
 
 
 def _split(points: Sequence[tuple[int, Any]]) -> tuple[list[float], list[float]]:
-    ordered = sorted(points, key=lambda p: p[0])
-    return [float(s) for s, _ in ordered], [math.nan if v is None else float(v) for _, v in ordered]
+    return [float(s) for s, _ in points], [math.nan if v is None else float(v) for _, v in points]
 
 
 def _layer_names(db_session: Session, run_ids: Sequence[int]) -> list[str]:
