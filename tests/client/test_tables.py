@@ -7,9 +7,10 @@ import io
 
 from rich.console import Console
 
-from client.reports import LABELS
+from client.reports import LABELS, stats_text
 from client.tables import Column, fitted_table, number
 from services.quantities import label
+from services.sweep_analysis import describe
 
 
 def test_numbers_keep_three_significant_digits_and_their_exponent() -> None:
@@ -36,3 +37,9 @@ def test_a_narrow_table_drops_low_priority_columns_and_wraps_text() -> None:
 
 def test_the_cli_headers_are_the_services_labels() -> None:
     assert {key: label(key) for key in LABELS} == LABELS
+
+
+def test_a_quantity_spanning_decades_shows_its_geometric_mean() -> None:
+    """Final losses 1e-2, 1e-16, 1e-30 over seeds: not 3.33e-03 ± 5.77e-03."""
+    assert stats_text(describe([1e-2, 1e-16, 1e-30])) == "1e-16 ×/÷ 1e+14"
+    assert stats_text(describe([1.0, 2.0, 3.0])) == "2 ± 1"

@@ -248,11 +248,17 @@ def test_a_loss_at_1e_30_is_drawn_and_a_run_page_shows_everything(
                 "[...document.querySelectorAll('#fig-loss .legend-entry')].map(e => e.textContent)"
             )
             assert legend == ["width = 64", "width = 256", label(PREDICTED_LOSS)]
-            fill = browser.evaluate(
+            fill = (
                 "document.querySelector('#chart-loss canvas').getBoundingClientRect().width"
                 " / document.getElementById('chart-loss').clientWidth"
             )
-            assert fill > 0.95, "the chart fills its (responsive) column"
+            assert browser.evaluate(fill) > 0.95, "the chart fills its column"
+            wide = browser.evaluate("document.getElementById('chart-loss').clientWidth")
+            viewport = {"width": 900, "height": 1100, "deviceScaleFactor": 1, "mobile": False}
+            browser.call("Emulation.setDeviceMetricsOverride", **viewport)
+            browser.wait_for(f"document.getElementById('chart-loss').clientWidth > {wide}")
+            browser.wait_for(f"{fill} > 0.95")  # one column, and the chart followed it
+            browser.call("Emulation.clearDeviceMetricsOverride")
             browser.wait_for(
                 f"!!document.querySelector('#external li[data-run-id=\"{external_id}\"]')"
             )
