@@ -131,12 +131,13 @@ def test_dashboard_shows_a_finished_sweep_and_follows_a_running_one(
             )
             assert row == number(slope)
             assert browser.evaluate("document.getElementById('live').textContent") == "finished"
-            save_screenshot(browser, artifacts / "dashboard-finished.png", capsys)
+            save_screenshot(browser, artifacts / "dashboard-finished.png", capsys, full_page=True)
 
             browser.goto(f"{url}/dashboard#sweep={live}")
             browser.wait_for("document.getElementById('live').textContent === 'live'")
             step = "document.querySelector('#runs tr[data-run-id=\"%d\"]').dataset.%s"
             browser.wait_for(f"{step % (first['id'], 'step')} === '60'")
+            browser.wait_for("window.overparamDashboard.updates >= 1")  # the stream is on
             points = int(browser.evaluate("document.getElementById('chart-loss').dataset.points"))
             store.write(first["id"], run_points(64, 0, upto=120, start=61))
             browser.wait_for(f"{step % (first['id'], 'step')} === '120'")
