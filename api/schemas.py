@@ -30,6 +30,21 @@ class SweepCreated(Public):
     run_ids: list[int]
 
 
+class PlannedRunPublic(BaseModel):
+    index: int
+    overrides: dict[str, Any]
+    config: dict[str, Any]
+    resources: dict[str, Any]
+
+
+class SweepPlan(BaseModel):
+    """What ``POST /sweeps?dry_run=true`` answers: the runs the spec expands to, not stored."""
+
+    name: str
+    run_count: int
+    runs: list[PlannedRunPublic]
+
+
 class SweepsPublic(BaseModel):
     data: list[SweepPublic]
     count: int
@@ -40,6 +55,7 @@ class RunListed(Public):
 
     id: int
     sweep_id: int | None
+    external: bool
     index: int
     status: RunStatus
     attempt: int
@@ -47,7 +63,6 @@ class RunListed(Public):
     overrides: dict[str, Any]
     summary: dict[str, Any]
     cancel_requested: bool
-    external: bool
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

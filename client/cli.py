@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
+from client import reports
 from client.client import DEFAULT_URL, OverparamClient, OverparamError, load_spec
+from client.tables import Column, fitted_table, number
 
 app = typer.Typer(help="overparam: over-parameterization sweeps on Ray.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
@@ -27,15 +30,24 @@ def _client(url: str) -> OverparamClient:
     return OverparamClient(url)
 
 
-def _fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {exc}")
+def _fail(exc: Exception) -> NoReturn:
+    """Print the error (its own words, unwrapped) and exit 1."""
+    Console(stderr=True).print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
     raise typer.Exit(1)
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return "" if value is None else str(value)
+def invocation() -> tuple[str, str]:
+    """(how to call this CLI from a shell here, how to put it on the PATH): ``overparam`` when
+    the PATH finds this installation's script, else that script's path (``.venv/bin/overparam``)
+    and its virtualenv's ``activate``; ``python -m client.cli`` without a script."""
+    script = Path(sys.executable).with_name("overparam")
+    if not script.exists():
+        return f"{sys.executable} -m client.cli", ""
+    found = shutil.which("overparam")
+    if found and Path(found).resolve() == script.resolve():
+        return "overparam", ""
+    where = script.relative_to(Path.cwd()) if script.is_relative_to(Path.cwd()) else script
+    return str(where), f"`source {where.parent / 'activate'}` puts overparam on your PATH"
 
 
 @app.command()
@@ -55,11 +67,13 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = get_settings()
+    command, hint = invocation()
     console.print(
         f"[bold]overparam[/bold] listening on http://{host}:{port}  "
         f"(database {settings.database_url}, "
         f"Ray {settings.ray_address or 'local'}, API docs at http://{host}:{port}/docs)\n"
-        f"Submit the example:  overparam submit examples/quickstart.yaml --url http://{host}:{port}"
+        f"Submit the example from another terminal: {command} submit "
+        f"examples/quickstart.yaml --url http://{host}:{port}" + (f"\n({hint})" if hint else "")
     )
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
 
@@ -125,18 +139,39 @@ def db_downgrade(revision: Annotated[str, typer.Argument()] = "base") -> None:
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="sweep spec YAML")],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="validate and show the expanded runs; submit nothing")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Submit a sweep spec file; prints the sweep id and its run ids."""
     try:
+        body = load_spec(spec)
         with _client(url) as client:
-            created = client.submit(load_spec(spec))
+            if dry_run:
+                reports.print_plan(console, client.plan(body))
+                return
+            created = client.submit(body)
     except (OverparamError, ValueError) as exc:
         _fail(exc)
     console.print(
         f"sweep {created['id']} ({created['name']}): {created['run_count']} runs queued "
         f"(ids {created['run_ids'][0]}–{created['run_ids'][-1]})"
     )
+
+
+@app.command()
+def sweeps(
+    limit: Annotated[int, typer.Option(help="how many, newest first")] = 100,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """List sweeps, newest first, with their runs per state."""
+    try:
+        with _client(url) as client:
+            rows = client.sweeps(limit=limit)
+    except OverparamError as exc:
+        _fail(exc)
+    reports.print_sweeps(console, rows)
 
 
 @app.command()
@@ -151,22 +186,7 @@ def runs(
             rows = client.runs(sweep_id=sweep, status=status)
     except OverparamError as exc:
         _fail(exc)
-    table = Table(
-        "id", "sweep", "status", "overrides", "steps", "final loss", "λ_min(0)", "min λ_min"
-    )
-    for r in rows:
-        s = r["summary"]
-        table.add_row(
-            str(r["id"]),
-            _fmt(r["sweep_id"]),
-            r["status"],
-            " ".join(f"{k}={v}" for k, v in r["overrides"].items()),
-            _fmt(s.get("steps_done")),
-            _fmt(s.get("final_loss")),
-            _fmt(s.get("lambda_min_initial")),
-            _fmt(s.get("lambda_min_min")),
-        )
-    console.print(table)
+    reports.print_runs(console, rows)
 
 
 @app.command()
@@ -179,11 +199,52 @@ def run(run_id: int, url: UrlOption = DEFAULT_URL) -> None:
         _fail(exc)
 
 
+def _cancel_one(client: OverparamClient, run_id: int) -> bool:
+    """Cancel one run and say what happened; False when the service refused."""
+    try:
+        run = client.cancel(run_id)
+    except OverparamError as exc:
+        Console(stderr=True).print(f"[red]run {run_id}:[/red] {exc}")
+        return False
+    state = run["status"]
+    if state == "running":
+        console.print(f"run {run_id}: cancel requested (the dispatcher stops it)")
+    else:
+        console.print(f"run {run_id}: {state}")
+    return True
+
+
+@app.command()
+def cancel(
+    run_ids: Annotated[list[int] | None, typer.Argument(help="run ids")] = None,
+    sweep: Annotated[
+        int | None, typer.Option(help="every queued or running run of this sweep")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Cancel runs: queued ones at once, running ones by the dispatcher."""
+    ids = list(run_ids or [])
+    try:
+        with _client(url) as client:
+            if sweep is not None:
+                active = client.runs(sweep_id=sweep)
+                ids += [r["id"] for r in active if r["status"] in ("queued", "running")]
+            if not ids:
+                _fail(ValueError("nothing to cancel: give run ids or a --sweep with active runs"))
+            ok = [_cancel_one(client, run_id) for run_id in ids]
+    except OverparamError as exc:
+        _fail(exc)
+    if not all(ok):
+        raise typer.Exit(1)
+
+
 @app.command()
 def metrics(
     run_id: int,
     name: Annotated[list[str] | None, typer.Option(help="metric name (repeatable)")] = None,
-    csv_out: Annotated[bool, typer.Option("--csv", help="write CSV to stdout")] = False,
+    csv_out: Annotated[
+        bool, typer.Option("--csv", help="write CSV to stdout (the columns of `export`)")
+    ] = False,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Print a run's metric history as a table or as CSV."""
@@ -193,14 +254,13 @@ def metrics(
     except OverparamError as exc:
         _fail(exc)
     if csv_out:
-        writer = csv.writer(sys.stdout)
-        writer.writerow(["metric", "step", "value"])
-        writer.writerows((p["metric"], p["step"], p["value"]) for p in points)
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["run_id", "metric", "step", "value"])
+        writer.writerows((run_id, p["metric"], p["step"], p["value"]) for p in points)
         return
-    table = Table("metric", "step", "value")
-    for p in points:
-        table.add_row(p["metric"], str(p["step"]), _fmt(p["value"]))
-    console.print(table)
+    columns = [Column("metric"), Column("step", numeric=True), Column("value", numeric=True)]
+    rows = [[p["metric"], str(p["step"]), number(p["value"])] for p in points]
+    console.print(fitted_table(console, columns, rows))
 
 
 @app.command()
@@ -215,81 +275,6 @@ def watch(sweep: int, url: UrlOption = DEFAULT_URL) -> None:
         _fail(exc)
     if counts.get("failed") or counts.get("diverged"):
         raise typer.Exit(1)
-
-
-def _mean_std(stats: dict[str, Any] | None) -> str:
-    if not stats or stats.get("mean") is None:
-        return ""
-    if stats.get("std") is None:
-        return _fmt(stats["mean"])
-    return f"{_fmt(stats['mean'])} ± {stats['std']:.2g}"
-
-
-def _group(params: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v}" for k, v in params.items()) or "all runs"
-
-
-def _print_analysis(analysis: dict[str, Any]) -> None:
-    console.print(
-        f"sweep {analysis['sweep_id']} ({analysis['name']}): swept "
-        f"{', '.join(analysis['swept']) or 'nothing'}; runs per state {analysis['status_counts']}"
-    )
-    runs = Table(
-        "group", "runs", "final loss", "fitted rate", "theory rate", "steps to thr.",
-        "min λ_min/λ_min(0)", title="runs grouped over seeds (mean ± std)",
-    )  # fmt: skip
-    for group in analysis["groups"]:
-        stats = group["stats"]
-        runs.add_row(
-            _group(group["params"]),
-            str(len(group["run_ids"])),
-            _mean_std(stats.get("final_loss")),
-            _mean_std(stats.get("fitted_rate")),
-            _mean_std(stats.get("theory_rate")),
-            _mean_std(stats.get("steps_to_threshold")),
-            _mean_std(stats.get("lambda_min_min_ratio")),
-        )
-    console.print(runs)
-    fits = Table(
-        "x", "y", "group", "kind", "slope", "95% CI", "n", "r²", "theory",
-        title="scaling laws (OLS on log–log axes; exponential: ln y against x)",
-    )  # fmt: skip
-    for fit in analysis["fits"]:
-        ci = fit.get("ci")
-        fits.add_row(
-            fit["x"],
-            fit["y"],
-            _group(fit["group"]),
-            fit["kind"],
-            f"{fit['slope']:.3f}",
-            f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "",
-            str(fit["n_points"]),
-            f"{fit['r2']:.3f}",
-            _fmt(fit.get("reference_slope")),
-        )
-    console.print(fits)
-    for entry in analysis.get("smallest_width") or []:
-        reached = ", ".join(f"m={w['width']}: {w['reached']}/{w['runs']}" for w in entry["widths"])
-        console.print(
-            f"loss threshold reached ({_group(entry['group'])}): {reached}; smallest width "
-            f"where all runs did: {entry['smallest_width_all']}"
-        )
-    labels = analysis.get("labels")
-    if labels:
-        table = Table(
-            labels["param"], "group", "yᵀ(H^∞)⁻¹y", "fitted rate", "steps to thr.",
-            title="true vs random labels",
-        )  # fmt: skip
-        for comparison in labels["comparisons"]:
-            for row in comparison["rows"]:
-                table.add_row(
-                    str(row["value"]),
-                    _group(comparison["group"]),
-                    _mean_std(row["y_Hinv_y"]),
-                    _mean_std(row["fitted_rate"]),
-                    _mean_std(row["steps_to_threshold"]),
-                )
-        console.print(table)
 
 
 @app.command()
@@ -310,25 +295,57 @@ def analyze(
     if as_json:
         console.print_json(json.dumps(analysis))
     else:
-        _print_analysis(analysis)
+        reports.print_analysis(console, analysis)
+
+
+def _plot_target(arguments: list[str], run_id: int | None) -> tuple[int | None, str]:
+    """(sweep id or None, kind) from ``plot``'s positional arguments: SWEEP KIND, or KIND with
+    --run."""
+    expected = 1 if run_id is not None else 2
+    if len(arguments) != expected:
+        usage = "--run ID KIND" if run_id is not None else "SWEEP KIND"
+        raise typer.BadParameter(f"usage: overparam plot {usage} -o FILE.png")
+    if run_id is not None:
+        return None, arguments[0]
+    if not arguments[0].isdigit():
+        raise typer.BadParameter(f"{arguments[0]!r} is not a sweep id", param_hint="SWEEP")
+    return int(arguments[0]), arguments[1]
 
 
 @app.command()
 def plot(
-    sweep: int,
-    kind: Annotated[str, typer.Argument(help="loss, lambda_min, scaling or movement")],
+    arguments: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="[SWEEP] KIND",
+            help="a sweep id and a kind (loss, lambda_min, lambda0_ratio, scaling, movement); "
+            "with --run, the kind only",
+        ),
+    ],
     out: Annotated[Path, typer.Option("-o", "--out", help="PNG file to write")],
+    run_id: Annotated[int | None, typer.Option("--run", help="plot this run instead")] = None,
     color_by: Annotated[str | None, typer.Option(help="swept parameter to colour by")] = None,
     x: Annotated[str, typer.Option(help="scaling: swept parameter on the x axis")] = "width",
+    y: Annotated[
+        list[str] | None,
+        typer.Option(help="scaling: a fitted quantity to draw (repeatable; see `analyze`)"),
+    ] = None,
     threshold: Annotated[
         float | None, typer.Option(help="scaling: loss threshold for steps to threshold")
     ] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """Write a sweep plot (rendered by the service) to a PNG file."""
+    """Write a sweep's (or with --run, one run's) plot, rendered by the service, to a PNG."""
+    sweep, kind = _plot_target(arguments, run_id)
     try:
         with _client(url) as client:
-            png = client.plot(sweep, kind, color_by=color_by, x=x, loss_threshold=threshold)
+            if sweep is None:
+                assert run_id is not None
+                png = client.run_plot(run_id, kind)
+            else:
+                png = client.plot(
+                    sweep, kind, color_by=color_by, x=x, y=y, loss_threshold=threshold
+                )
     except OverparamError as exc:
         _fail(exc)
     out.write_bytes(png)
@@ -357,3 +374,7 @@ def export(
         out.unlink(missing_ok=True)
         _fail(exc)
     console.print(f"wrote {out} ({size} bytes, {kind})")
+
+
+if __name__ == "__main__":  # `python -m client.cli`: the CLI of this checkout
+    app()

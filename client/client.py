@@ -25,23 +25,46 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 class OverparamError(Exception):
-    """A problem+json answer from the service, or no answer at all."""
+    """A problem+json answer from the service, or no answer at all (status 0)."""
 
     def __init__(self, status: int, problem: dict[str, Any]) -> None:
         self.status = status
         self.problem = problem
-        lines = [f"{status} {problem.get('title', 'error')}: {problem.get('detail', '')}"]
+        title, detail = problem.get("title", "error"), problem.get("detail", "")
+        lines = [f"{title}: {detail}" if status == 0 else f"{status} {title}: {detail}"]
         lines += [
             f"  {e['field']} = {e.get('value')!r}: {e['reason']}" for e in problem.get("errors", [])
         ]
         super().__init__("\n".join(lines))
 
 
+def unreachable(base_url: object, exc: Exception) -> OverparamError:
+    """The error for a service that does not answer, with how to start one or point at one."""
+    service = str(base_url).removesuffix("/").removesuffix("/api/v1")
+    detail = (
+        f"no overparam service answers at {service} ({exc}). Start one with `overparam serve` "
+        "(or `python3 bootstrap.py serve`), or point --url / OVERPARAM_URL at a running one."
+    )
+    return OverparamError(0, {"title": "Unreachable", "detail": detail})
+
+
+class SpecFileError(ValueError):
+    """A sweep spec file that is not a YAML mapping; the message is one line, file:line:col."""
+
+
 def load_spec(path: Path) -> dict[str, Any]:
     """A sweep spec file: YAML (or JSON, which is YAML) with the body of POST /api/v1/sweeps."""
-    spec = yaml.safe_load(path.read_text())
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = " ".join(str(exc.problem or exc.context or "invalid YAML").split())
+        raise SpecFileError(f"{where}: {what}") from None
+    except yaml.YAMLError as exc:
+        raise SpecFileError(f"{path}: {' '.join(str(exc).split())}") from None
     if not isinstance(spec, dict):
-        raise ValueError(f"{path}: a sweep spec is a mapping, got {type(spec).__name__}")
+        raise SpecFileError(f"{path}: a sweep spec is a mapping, got {type(spec).__name__}")
     return spec
 
 
@@ -145,19 +168,18 @@ class OverparamClient:
         try:
             response = self.http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise OverparamError(
-                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
-            ) from exc
+            raise unreachable(self.http.base_url, exc) from exc
         if response.is_error:
-            try:
-                problem = response.json()
-            except ValueError:
-                problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-            raise OverparamError(response.status_code, problem)
+            self._raise(response)
         return response.json()
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/sweeps", json=spec)
+
+    def plan(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Validate and expand a spec without submitting it: ``{"name", "run_count", "runs"}``,
+        each run with its ``overrides``, full ``config`` and ``resources``."""
+        return self._call("POST", "/sweeps", json=spec, params={"dry_run": True})
 
     def sweep(self, sweep_id: int) -> dict[str, Any]:
         return self._call("GET", f"/sweeps/{sweep_id}")
@@ -288,11 +310,12 @@ class OverparamClient:
         return _pandas().DataFrame(rows)
 
     def plot(self, sweep_id: int, kind: str, **params: Any) -> bytes:
-        """A sweep plot as PNG bytes (kind: loss, lambda_min, scaling, movement)."""
+        """A sweep plot as PNG bytes (kind: loss, lambda_min, lambda0_ratio, scaling,
+        movement; params: color_by, x, y, loss_threshold)."""
         return self._bytes(f"/sweeps/{sweep_id}/plots/{kind}", params)
 
     def run_plot(self, run_id: int, kind: str) -> bytes:
-        """A run plot as PNG bytes (kind: loss, lambda_min, movement)."""
+        """A run plot as PNG bytes (kind: loss, lambda_min, lambda0_ratio, movement)."""
         return self._bytes(f"/runs/{run_id}/plots/{kind}", {})
 
     def _bytes(self, path: str, params: dict[str, Any]) -> bytes:
@@ -300,9 +323,7 @@ class OverparamClient:
         try:
             response = self.http.get(path, params=params)
         except httpx.TransportError as exc:
-            raise OverparamError(
-                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
-            ) from exc
+            raise unreachable(self.http.base_url, exc) from exc
         if response.is_error:
             self._raise(response)
         return response.content
@@ -331,9 +352,7 @@ class OverparamClient:
                     for chunk in response.iter_bytes():
                         written += sink.write(chunk)
         except httpx.TransportError as exc:
-            raise OverparamError(
-                0, {"title": "Unreachable", "detail": f"{self.http.base_url}: {exc}"}
-            ) from exc
+            raise unreachable(self.http.base_url, exc) from exc
         return written
 
     def stream_run(self, run_id: int, names: list[str] | None = None) -> Iterator[ServerEvent]:

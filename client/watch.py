@@ -4,12 +4,16 @@ Each bar shows the run's step out of its configured steps, its latest loss and �
 its state and an ETA from the step rate. The stream asks only for the two metrics shown, so a
 wide sweep's other metrics never cross the wire. A run that stops early (loss threshold) fills
 its bar when it succeeds; one that diverges or fails keeps its bar and shows its state in red.
+
+The line fits the terminal: when the runs' parameters do not fit beside the bar they are
+printed once above the bars (each bar then says only ``run ID``), then the ETA is left out and
+the bar narrowed; numbers are never cut.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,18 +22,25 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Column
 
 from client.client import OverparamClient, ServerEvent
+from client.tables import number
 
 # The worker's metric names (worker/metrics.py LOSS and LAMBDA_MIN; a test keeps them equal):
 # the client talks HTTP only and does not import the worker.
 LOSS = "loss"
 LAMBDA_MIN = "ntk_lambda_min"
 FINAL = frozenset({"succeeded", "diverged", "failed", "cancelled"})
+NUMBER_WIDTH = 9  # number() is at most 9 characters: -1.41e+15
+STATE_WIDTH = 9  # succeeded, cancelled
+ETA_WIDTH = 11  # "ETA 0:00:21"
+BAR_WIDTHS = (28, 16, 8)  # narrowed in this order before anything else goes
 STATUS_STYLE = {
     "queued": "dim",
     "running": "cyan",
@@ -46,10 +57,6 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.4g}"
-
-
 @dataclass
 class RunLine:
     """What one progress bar shows."""
@@ -63,21 +70,56 @@ class RunLine:
     status: str = "queued"
 
 
+def overrides_text(run: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in (run.get("overrides") or {}).items())
+
+
 def run_label(run: dict[str, Any]) -> str:
-    overrides = " ".join(f"{k}={v}" for k, v in (run.get("overrides") or {}).items())
+    overrides = overrides_text(run)
     return f"run {run['id']}" + (f" {overrides}" if overrides else "")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a bar's line fits ``width`` columns: the description's width, whether it holds the
+    run's parameters or only its id, the bar's width and whether the ETA is shown."""
+
+    description: int
+    full_labels: bool
+    bar: int
+    eta: bool
+
+    @classmethod
+    def fit(cls, width: int, runs: Sequence[dict[str, Any]]) -> Layout:
+        steps = max((int((r.get("config") or {}).get("steps") or 1) for r in runs), default=1)
+        counts = 2 * len(str(steps)) + 1
+        numbers = len("loss ") + len("λ_min ") + 2 * NUMBER_WIDTH
+        full = max((len(run_label(r)) for r in runs), default=0)
+        ids = max((len(f"run {r['id']}") for r in runs), default=0)
+        tries = [(True, BAR_WIDTHS[0], True)]
+        tries += [(False, bar, eta) for eta in (True, False) for bar in BAR_WIDTHS]
+        for full_labels, bar, eta in tries:
+            fixed = bar + counts + numbers + STATE_WIDTH + (ETA_WIDTH if eta else 0)
+            gaps = 6 if eta else 5  # one space between the columns
+            room = width - fixed - gaps
+            if room >= (full if full_labels else ids):
+                return cls(room, full_labels, bar, eta)
+        return cls(ids, False, BAR_WIDTHS[-1], False)
 
 
 class SweepWatch:
     """Progress bars of a sweep's runs, updated from stream events."""
 
-    def __init__(self, runs: Iterable[dict[str, Any]], progress: Progress) -> None:
+    def __init__(
+        self, runs: Iterable[dict[str, Any]], progress: Progress, full_labels: bool = True
+    ) -> None:
         self.progress = progress
         self.lines: dict[int, RunLine] = {}
         self.tasks: dict[int, TaskID] = {}
         for run in runs:
             total = int((run.get("config") or {}).get("steps") or 1)
-            line = RunLine(run["id"], run_label(run), total, status=run["status"])
+            label = run_label(run) if full_labels else f"run {run['id']}"
+            line = RunLine(run["id"], label, total, status=run["status"])
             self.lines[run["id"]] = line
             fields: dict[str, Any] = self._fields(line)  # the columns read them at once
             self.tasks[run["id"]] = progress.add_task(
@@ -89,8 +131,8 @@ class SweepWatch:
     def _fields(line: RunLine) -> dict[str, str]:
         style = STATUS_STYLE.get(line.status, "")
         return {
-            "loss": _fmt(line.loss),
-            "lam": _fmt(line.lambda_min),
+            "loss": number(line.loss),
+            "lam": number(line.lambda_min),
             "state": f"[{style}]{line.status}[/{style}]" if style else line.status,
         }
 
@@ -131,19 +173,24 @@ class SweepWatch:
         return counts
 
 
-def make_progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}", style="bold"),
-        BarColumn(bar_width=28),
+def make_progress(console: Console, layout: Layout | None = None) -> Progress:
+    """The bars' columns, sized by ``layout`` (default: a wide terminal's)."""
+    layout = layout or Layout(40, True, BAR_WIDTHS[0], True)
+    columns: list[str | ProgressColumn] = [
+        TextColumn(
+            "{task.description}",
+            style="bold",
+            table_column=Column(width=layout.description, no_wrap=True),
+        ),
+        BarColumn(bar_width=layout.bar),
         MofNCompleteColumn(),
-        TextColumn("loss [magenta]{task.fields[loss]:>10}[/magenta]"),
-        TextColumn("λ_min [blue]{task.fields[lam]:>10}[/blue]"),
-        TextColumn("{task.fields[state]}"),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        refresh_per_second=4,
-    )
+        TextColumn(f"loss [magenta]{{task.fields[loss]:>{NUMBER_WIDTH}}}[/magenta]"),
+        TextColumn(f"λ_min [blue]{{task.fields[lam]:>{NUMBER_WIDTH}}}[/blue]"),
+        TextColumn("{task.fields[state]}", table_column=Column(width=STATE_WIDTH)),
+    ]
+    if layout.eta:
+        columns += [TextColumn("ETA"), TimeRemainingColumn()]
+    return Progress(*columns, console=console, refresh_per_second=4)
 
 
 def watch_sweep(client: OverparamClient, sweep_id: int, console: Console) -> dict[str, int]:
@@ -151,8 +198,12 @@ def watch_sweep(client: OverparamClient, sweep_id: int, console: Console) -> dic
     sweep = client.sweep(sweep_id)
     console.print(f"sweep {sweep['id']} ({sweep['name']}): {sweep['run_count']} runs")
     runs = client.runs(sweep_id=sweep_id, fields=["config"])
-    with make_progress(console) as progress:
-        watch = SweepWatch(runs, progress)
+    layout = Layout.fit(console.width, runs)
+    if not layout.full_labels:  # the parameters do not fit beside the bars: list them once
+        for run in runs:
+            console.print(f"run {run['id']}: {overrides_text(run)}")
+    with make_progress(console, layout) as progress:
+        watch = SweepWatch(runs, progress, layout.full_labels)
         for event in client.stream_sweep(sweep_id, names=[LOSS, LAMBDA_MIN]):
             if watch.apply(event):
                 break

@@ -13,7 +13,12 @@ API recomputes it on demand from the stored history (:func:`run_analysis`). It r
 - final weight movement per layer (absolute, relative, /√m, max per neuron), pattern flips, the
   relative change of the NTK and of G⁽ᴴ⁾;
 - whether the run stayed in the regime the theorems assume (width vs n, activation smoothness,
-  step size vs λ₀ and λ_max(H(0)), duplicate inputs, GD on the squared loss).
+  step size vs λ₀ and η·λ_max(H(k)) over the whole run, parallel inputs, GD on the squared
+  loss);
+- flags, the caveats a reader must not miss: the edge of stability (η·λ_max(H(k)) reached 2,
+  with the step it crossed), a kernel that moved (‖H(k) − H(0)‖_F/‖H(0)‖_F past
+  ``KERNEL_MOVED``), and a fitted rate that disagrees with the theory's by more than
+  ``RATE_DISAGREEMENT``.
 
 Every number is finite or None (PostgreSQL's JSONB refuses NaN).
 """
@@ -47,12 +52,15 @@ from worker.metric_names import (
     Y_HINV_Y,
 )
 
-ANALYSIS_VERSION = 1
+ANALYSIS_VERSION = 2
 LATE_FRACTION = 0.5  # the rate is fitted over the last half of the pre-floor steps
 LOSS_FLOOR = 1e-12  # relative to L(0): below it float rounding, not GD, sets the curve
 DEFAULT_RELATIVE_THRESHOLD = 1e-3  # steps to reach 10⁻³ · L(0) when the config sets none
 ANALYSIS_MAX_POINTS = 20_000  # per metric read for an analysis (exact below this many steps)
 SMOOTH_ACTIVATIONS = frozenset({"softplus", "tanh", "gelu"})
+STABILITY_LIMIT = 2.0  # GD on the linearized model converges iff η·λ_max(H) < 2
+KERNEL_MOVED = 0.1  # max_k ‖H(k) − H(0)‖_F / ‖H(0)‖_F past this: the kernel did not stay put
+RATE_DISAGREEMENT = 2.0  # fitted / theory rate outside [1/this, this] is flagged
 
 Points = Sequence[tuple[int, float | None]]  # (step, value), step order; None is NaN
 
@@ -108,31 +116,44 @@ def late_phase(loss: Points) -> tuple[np.ndarray, np.ndarray]:
     return np.array([s for s, _ in late], float), np.log([v for _, v in late])
 
 
-def linear_rate(eta: float | None, lam: float | None) -> float | None:
-    """2·ln|1 − η λ|: the per-step change of ln L when the residual contracts along λ."""
-    if eta is None or lam is None or not 0 < abs(1 - eta * lam) < 1:
+def linear_rate(
+    eta: float | None, lam_min: float | None, lam_max: float | None = None
+) -> float | None:
+    """2·ln max(|1 − ηλ_min|, |1 − ηλ_max|): the per-step change of ln L of GD on the model
+    linearized with a kernel of extreme eigenvalues λ_min, λ_max, once its slowest mode
+    dominates. That is λ_min's mode unless η·λ_max is near 2 (past 2 − η·λ_min the top mode
+    contracts more slowly; past 2 it grows and the rate is positive)."""
+    if eta is None or lam_min is None:
         return None
-    return 2 * math.log(abs(1 - eta * lam))
+    factor = max(abs(1 - eta * lam) for lam in (lam_min, lam_max) if lam is not None)
+    return 2 * math.log(factor) if factor > 0 else None
+
+
+def _window_mean(points: Points, steps: np.ndarray) -> float | None:
+    """The mean of the finite values of ``points`` at steps within [steps[0], steps[-1]]."""
+    if not len(steps):
+        return None
+    window = [v for s, v in _sorted(points) if steps[0] <= s <= steps[-1] and math.isfinite(v)]
+    return float(np.mean(window)) if window else None
 
 
 def convergence(
     loss: Points,
     eta: float | None,
-    lam_min0: float | None,
-    lambda0: float | None,
+    spec: Mapping[str, Any],
     lam_min: Points = (),
+    lam_max: Points = (),
 ) -> dict[str, Any]:
     """The fitted late-phase rate of ln L per step next to the theory's and Du's bound.
 
-    ``late_theory_rate`` uses the mean λ_min(H(k)) over the fit's steps instead of H(0): it
-    tells a finite width's drifting kernel from a wrong rate."""
+    The theory's rate is :func:`linear_rate` of H(0) (``spec``'s λ_min and λ_max of H(0)).
+    ``late_theory_rate`` uses the mean λ_min(H(k)) and λ_max(H(k)) over the fit's steps
+    instead: it tells a finite width's drifting kernel from a wrong rate."""
     steps, log_loss = late_phase(loss)
     fit = fit_line(steps, log_loss)
-    theory = linear_rate(eta, lam_min0)
-    late_lam = None
-    if len(steps):
-        window = [v for s, v in _sorted(lam_min) if steps[0] <= s <= steps[-1] and math.isfinite(v)]
-        late_lam = float(np.mean(window)) if window else None
+    theory = linear_rate(eta, spec["lambda_min_initial"], spec["lambda_max_initial"])
+    late_lam = _window_mean(lam_min, steps)
+    lambda0 = spec["lambda0"]
     du_factor = 1 - eta * lambda0 / 2 if eta is not None and lambda0 is not None else None
     du_rate = math.log(du_factor) if du_factor is not None and 0 < du_factor < 1 else None
     fitted = fit.slope if fit is not None else None
@@ -144,7 +165,7 @@ def convergence(
         "theory_rate": theory,
         "rate_ratio": fitted / theory if fitted is not None and theory else None,
         "late_lambda_min": late_lam,
-        "late_theory_rate": linear_rate(eta, late_lam),
+        "late_theory_rate": linear_rate(eta, late_lam, _window_mean(lam_max, steps)),
         "du_factor": finite(du_factor),
         "du_rate_bound": du_rate,
         "within_du_bound": (fitted <= du_rate) if fitted is not None and du_rate else None,
@@ -174,8 +195,21 @@ def _finite_points(points: Points | None) -> list[tuple[int, float]]:
     return [(s, v) for s, v in _sorted(points) if math.isfinite(v)]
 
 
+def _edge_of_stability(eta: float | None, lam_max: Points | None) -> dict[str, Any]:
+    """η·λ_max(H(k)) over the whole run: its largest value, that value's step, and the first
+    step at which it reached ``STABILITY_LIMIT`` (None: never)."""
+    scaled = [(s, eta * v) for s, v in _finite_points(lam_max)] if eta is not None else []
+    peak = max(scaled, key=lambda point: point[1]) if scaled else None
+    return {
+        "eta_lambda_max_max": finite(peak[1]) if peak else None,
+        "eta_lambda_max_max_step": peak[0] if peak else None,
+        "edge_of_stability_step": next((s for s, v in scaled if v >= STABILITY_LIMIT), None),
+    }
+
+
 def spectrum(points: Mapping[str, Points], eta: float | None) -> dict[str, Any]:
-    """λ_min(H(k)) over training against λ_min(H(0)), and Du's G⁽ᴴ⁾(k) against λ₀.
+    """λ_min(H(k)) over training against λ_min(H(0)), Du's G⁽ᴴ⁾(k) against λ₀, and
+    η·λ_max(H(k)) against the stability limit 2 over the whole run.
 
     λ₀ is λ_min of the last hidden layer's infinite-width kernel, so the theorems' condition
     λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 is checked on G⁽ᴴ⁾ (the NTK itself for ``two_layer``); without it,
@@ -205,6 +239,7 @@ def spectrum(points: Mapping[str, Points], eta: float | None) -> dict[str, Any]:
         "eta_lambda_max_initial": finite(eta * lam_max0)
         if eta is not None and lam_max0 is not None
         else None,
+        **_edge_of_stability(eta, points.get(LAMBDA_MAX)),
         "stays_above_half_lambda0": (watched >= reference / 2)
         if watched is not None and reference
         else None,
@@ -237,28 +272,39 @@ def movement(points: Mapping[str, Points]) -> dict[str, Any]:
         }
         for layer in layer_names(points)
     }
-    ntk = [v for _, v in _sorted(points.get(NTK_CHANGE)) if math.isfinite(v)]
+    ntk = _finite_points(points.get(NTK_CHANGE))
     return {
         "layers": layers,
-        "ntk_rel_change": finite(ntk[-1]) if ntk else None,
-        "ntk_rel_change_max": finite(max(ntk)) if ntk else None,
+        "ntk_rel_change": finite(ntk[-1][1]) if ntk else None,
+        "ntk_rel_change_max": finite(max(v for _, v in ntk)) if ntk else None,
+        "kernel_moved_step": next((s for s, v in ntk if v > KERNEL_MOVED), None),
         "gram_H_rel_change": _last(points.get(GRAM_H_CHANGE)),
     }
+
+
+def measured_distance(layers: Mapping[str, Mapping[str, Any]]) -> float | None:
+    """‖θ(K) − θ(0)‖₂ over every trained layer: √(Σ_l ‖W⁽ˡ⁾(K) − W⁽ˡ⁾(0)‖_F²)."""
+    distances = [v["weight_dist"] for v in layers.values() if v.get("weight_dist") is not None]
+    return math.sqrt(sum(d * d for d in distances)) if distances else None
 
 
 def theory_comparison(
     points: Mapping[str, Points], final_loss: float | None, layers: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """Arora et al.'s predictions (distance √(yᵀH⁻¹y), the linearized loss curve) vs the run."""
+    """Arora et al.'s predictions (distance √(yᵀΘ⁻¹y), the linearized loss curve) vs the run.
+
+    Θ is the whole network's infinite-width NTK, so the distance it predicts is that of every
+    trained parameter: the measured one is summed over all layers, not layer 1's alone."""
     y_hinv_y = _first(points.get(Y_HINV_Y))
     predicted = _last(points.get(PREDICTED_LOSS))
     distance = math.sqrt(y_hinv_y) if y_hinv_y is not None and y_hinv_y >= 0 else None
-    first_layer = layers.get("layer1", {}).get("weight_dist")
+    measured = measured_distance(layers)
     return {
         "y_Hinv_y": y_hinv_y,
         "generalization_bound": _first(points.get(GENERALIZATION)),
         "predicted_distance": distance,
-        "distance_ratio": finite(first_layer / distance) if first_layer and distance else None,
+        "measured_distance": measured,
+        "distance_ratio": finite(measured / distance) if measured and distance else None,
         "predicted_final_loss": predicted,
         "final_loss_ratio": finite(final_loss / predicted) if final_loss and predicted else None,
     }
@@ -293,9 +339,13 @@ def regime(
             else "analytic, Lipschitz and smooth (Du et al. ICML 2019): not ReLU"
         )
         checks.append(_check("activation", ok, activation, need))
-    if spec.get("eta_lambda_max_initial") is not None:
-        value = spec["eta_lambda_max_initial"]
-        checks.append(_check("step_size_stable", value < 2, value, "η·λ_max(H(0)) < 2"))
+    if spec.get("eta_lambda_max_max") is not None:
+        value = spec["eta_lambda_max_max"]
+        checks.append(
+            _check(
+                "step_size_stable", value < STABILITY_LIMIT, value, "η·λ_max(H(k)) < 2 for all k"
+            )
+        )
     if spec.get("eta_lambda0") is not None:
         value = spec["eta_lambda0"]
         checks.append(_check("step_size_vs_lambda0", 0 < value <= 1, value, "0 < η·λ₀ ≤ 1"))
@@ -311,15 +361,62 @@ def regime(
                 "λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 for all k",
             )
         )
-    pairs = [_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS)]
-    if any(p is not None for p in pairs):
-        count = sum(p or 0 for p in pairs)
+    # every duplicate pair is also a parallel pair: count the parallel ones, each once
+    duplicates, parallel = (_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS))
+    count = parallel if parallel is not None else duplicates
+    if count is not None:
         checks.append(_check("distinct_inputs", count == 0, count, "no parallel inputs (λ₀ > 0)"))
     if "loss" in config or "optimizer" in config:
         case = f"{config.get('loss', 'mse')}/{config.get('optimizer', 'gd')}"
         checks.append(_check("objective", case == "mse/gd", case, "full-batch GD on ½‖u − y‖²"))
     known = [c["ok"] for c in checks if c["ok"] is not None]
     return {"in_regime": all(known) if known else None, "checks": checks}
+
+
+def _flag(name: str, value: Any, step: int | None, message: str) -> dict[str, Any]:
+    return {"name": name, "value": value, "step": step, "message": message}
+
+
+def flags(
+    spec: Mapping[str, Any], conv: Mapping[str, Any], moved: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """The caveats of a run (name, value, step, message): the edge of stability, a kernel
+    that moved, and a fitted rate the theory's does not describe."""
+    out = []
+    if spec.get("edge_of_stability_step") is not None:
+        peak = spec["eta_lambda_max_max"]
+        out.append(
+            _flag(
+                "edge_of_stability",
+                peak,
+                spec["edge_of_stability_step"],
+                f"η·λ_max(H(k)) reached {peak:.3g} (crossed 2 at step "
+                f"{spec['edge_of_stability_step']}): past the linearized model's stable range",
+            )
+        )
+    if moved.get("kernel_moved_step") is not None:
+        change = moved["ntk_rel_change_max"]
+        out.append(
+            _flag(
+                "kernel_moved",
+                change,
+                moved["kernel_moved_step"],
+                f"‖H(k) − H(0)‖_F/‖H(0)‖_F reached {change:.3g} (past {KERNEL_MOVED:g} at step "
+                f"{moved['kernel_moved_step']}): not the lazy kernel regime",
+            )
+        )
+    ratio = conv.get("rate_ratio")
+    if ratio is not None and not 1 / RATE_DISAGREEMENT <= ratio <= RATE_DISAGREEMENT:
+        out.append(
+            _flag(
+                "rate_vs_theory",
+                ratio,
+                None,
+                f"the fitted rate is {ratio:.3g} × the theory's 2·ln max|1 − ηλ(H(0))| "
+                f"(outside ×/÷ {RATE_DISAGREEMENT:g}): the linearized model does not describe it",
+            )
+        )
+    return out
 
 
 def analyze_run(
@@ -340,18 +437,19 @@ def analyze_run(
     threshold, source = threshold_for(config, initial, loss_threshold)
     reached = steps_to_threshold(loss, threshold) if threshold is not None else None
     moved = movement(points_by_metric)
+    conv = convergence(
+        loss,
+        eta,
+        spec,
+        points_by_metric.get(LAMBDA_MIN, ()),
+        points_by_metric.get(LAMBDA_MAX, ()),
+    )
     return {
         "version": ANALYSIS_VERSION,
         "steps_done": losses[-1][0] if losses else None,
         "initial_loss": initial,
         "final_loss": final,
-        "convergence": convergence(
-            loss,
-            eta,
-            spec["lambda_min_initial"],
-            spec["lambda0"],
-            points_by_metric.get(LAMBDA_MIN, ()),
-        ),
+        "convergence": conv,
         "threshold": {
             "loss_threshold": threshold,
             "source": source,
@@ -362,6 +460,7 @@ def analyze_run(
         "movement": moved,
         "theory": theory_comparison(points_by_metric, final, moved["layers"]),
         "regime": regime(config, points_by_metric, spec),
+        "flags": flags(spec, conv, moved),
     }
 
 

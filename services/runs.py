@@ -58,6 +58,7 @@ def list_runs(
     db_session: Session,
     sweep_id: int | None = None,
     status: str | None = None,
+    external: bool | None = None,
     limit: int,
     offset: int,
     large: Collection[str] = ("config", "manifest"),
@@ -69,6 +70,8 @@ def list_runs(
         query = query.where(Run.sweep_id == sweep_id)
     if status is not None:
         query = query.where(Run.status == status)
+    if external is not None:
+        query = query.where(Run.external.is_(external))
     total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = db_session.scalars(query.order_by(Run.id).limit(limit).offset(offset))
     return rows.all(), total

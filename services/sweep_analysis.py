@@ -4,7 +4,10 @@
 :mod:`services.analysis`) in, a JSON-ready dict out.
 
 - Groups: runs with the same values of the swept parameters other than seeds (``seed``,
-  ``data.seed``); each quantity as mean, sample standard deviation, min, max and count.
+  ``data.seed``); each quantity over the group's final runs as mean, sample standard
+  deviation, min, max, count, median and — for a positive quantity spanning decades, like a
+  final loss — the geometric mean, which is the one to read (``spans_decades``). Runs still
+  queued or running are counted as ``pending``, never averaged as if final.
 - Scaling laws: for a swept numeric parameter x and a quantity y, the OLS fit of ln y on ln x
   over the succeeded runs (every seed a point), separately for each combination of the other
   swept parameters, with the slope's 95% Student-t interval and the number of points. Width:
@@ -40,6 +43,8 @@ SEED_KEYS = ("seed", "data.seed")
 AXES = ("arch", "width", "depth", "activation", "data.label_noise", "data.labels", "data.n", "lr")
 LABEL_KEYS = ("data.label_noise", "data.labels")
 FINISHED = ("succeeded", "diverged")  # a run that trained to its end (threshold questions)
+FINAL = frozenset({"succeeded", "diverged", "failed", "cancelled"})
+DECADES = 10.0  # max/min of a positive quantity past this: report its geometric mean
 LAZINESS = ("weight_dist_rel", "pattern_flips", "neuron_dist_max")
 # quantity -> (slope, kind) against width for the two-layer net (Du et al. ICLR 2019). A
 # "prediction" is how the quantity scales: max_r ‖w_r(k) − w_r(0)‖ = O(1/√m), flips ∝ that
@@ -69,12 +74,16 @@ _PATHS: dict[str, tuple[str, ...]] = {
     "late_theory_rate": ("convergence", "late_theory_rate"),
     "rate_ratio": ("convergence", "rate_ratio"),
     "du_rate_bound": ("convergence", "du_rate_bound"),
+    "late_lambda_min": ("convergence", "late_lambda_min"),
     "steps_to_threshold": ("threshold", "steps_to_threshold"),
     "lambda_min_initial": ("spectrum", "lambda_min_initial"),
     "lambda_min_min_ratio": ("spectrum", "lambda_min_min_ratio"),
     "lambda0": ("spectrum", "lambda0"),
+    "eta_lambda_max_max": ("spectrum", "eta_lambda_max_max"),
     "y_Hinv_y": ("theory", "y_Hinv_y"),
+    "distance_ratio": ("theory", "distance_ratio"),
     "ntk_rel_change": ("movement", "ntk_rel_change"),
+    "ntk_rel_change_max": ("movement", "ntk_rel_change_max"),
     "gram_H_rel_change": ("movement", "gram_H_rel_change"),
 }
 
@@ -147,12 +156,23 @@ def group_runs(
     return list(groups.values())
 
 
+NO_STATS: Mapping[str, Any] = {
+    "mean": None, "std": None, "sem": None, "min": None, "max": None, "n": 0,
+    "median": None, "geomean": None, "geostd": None, "spans_decades": False,
+}  # fmt: skip
+
+
 def describe(values: Sequence[float | None]) -> dict[str, Any]:
-    """Mean, sample standard deviation (n ≥ 2), standard error, min, max and count."""
+    """Mean, sample standard deviation (n ≥ 2), standard error, min, max, count, median, and
+    for positive values their geometric mean, geometric standard deviation (the factor
+    e^std(ln x)) and whether they span ≥ ``DECADES`` (then the arithmetic mean is the largest
+    value's, and the geometric mean is the one to read)."""
     xs = np.array([v for v in values if v is not None], float)
     if not len(xs):
-        return {"mean": None, "std": None, "sem": None, "min": None, "max": None, "n": 0}
+        return dict(NO_STATS)
     std = float(xs.std(ddof=1)) if len(xs) > 1 else None
+    positive = bool((xs > 0).all())
+    logs = np.log(xs) if positive else None
     return {
         "mean": float(xs.mean()),
         "std": std,
@@ -160,6 +180,10 @@ def describe(values: Sequence[float | None]) -> dict[str, Any]:
         "min": float(xs.min()),
         "max": float(xs.max()),
         "n": len(xs),
+        "median": float(np.median(xs)),
+        "geomean": float(np.exp(logs.mean())) if logs is not None else None,
+        "geostd": float(np.exp(logs.std(ddof=1))) if logs is not None and len(xs) > 1 else None,
+        "spans_decades": positive and float(xs.max()) >= DECADES * float(xs.min()),
     }
 
 
@@ -170,17 +194,30 @@ def _status_counts(runs: Sequence[RunRecord]) -> dict[str, int]:
     return counts
 
 
+def flag_counts(runs: Sequence[RunRecord]) -> dict[str, int]:
+    """How many of ``runs`` raised each analysis flag."""
+    counts: dict[str, int] = {}
+    for run in runs:
+        for flag in run.analysis.get("flags") or []:
+            counts[flag["name"]] = counts.get(flag["name"], 0) + 1
+    return counts
+
+
 def aggregate(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per group of ``keys``: its runs, their states and every quantity described."""
+    """One row per group of ``keys``: its runs, their states, how many are not final yet, the
+    flags its runs raised, and every quantity of its final runs described."""
     rows = []
     for params, members in group_runs(runs, keys):
-        quantities = [run_quantities(r.analysis) for r in members]
+        final = [r for r in members if r.status in FINAL]
+        quantities = [run_quantities(r.analysis) for r in final]
         names = sorted({name for q in quantities for name in q})
         rows.append(
             {
                 "params": params,
                 "run_ids": [r.id for r in members],
                 "status_counts": _status_counts(members),
+                "pending": len(members) - len(final),
+                "flags": flag_counts(final),
                 "stats": {name: describe([q.get(name) for q in quantities]) for name in names},
             }
         )
@@ -341,6 +378,7 @@ def analyze_sweep(runs: Sequence[RunRecord]) -> dict[str, Any]:
                 "overrides": dict(r.overrides),
                 "quantities": run_quantities(r.analysis),
                 "in_regime": _dig(r.analysis, ("regime", "in_regime")),
+                "flags": r.analysis.get("flags") or [],
             }
             for r in runs
         ],

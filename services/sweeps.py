@@ -3,14 +3,19 @@
 A spec is ``base`` (a partial :class:`worker.config.RunConfig`) plus ``grid`` (dotted field
 path → list of values, expanded as a cartesian product) plus optional ``runs`` (a list of
 explicit override sets, each combined with every grid point). Errors name the field where the
-user wrote the bad value: ``grid.width[2]``, ``runs[0].lr`` or ``base.data.n``.
+user wrote the bad value: ``grid.width[2]``, ``runs[0].lr`` or ``base.data.n``; an unknown
+field says which known one it resembles. Every error of a spec is reported at once: unknown
+keys and empty value lists are set aside and the rest is still expanded and validated (up to
+the run cap), so an error in ``base`` never hides behind one in ``grid``.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import itertools
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +32,10 @@ from worker.config import RunConfig
 
 
 class SweepSpec(BaseModel):
-    """The body of ``POST /api/v1/sweeps`` and the content of a sweep YAML file."""
+    """The body of ``POST /api/v1/sweeps`` and the content of a sweep YAML file. Unknown keys
+    are refused by :func:`expand` (with a "did you mean") together with every other error."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     name: str = Field("sweep", min_length=1, max_length=200)
     base: dict[str, Any] = Field(default_factory=dict, description="partial run config")
@@ -90,17 +96,26 @@ def _loc_path(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) for part in loc if not isinstance(part, int))
 
 
+def unknown_field(key: str, known: Iterable[str], what: str = "run config field") -> str:
+    """The reason for an unknown key, with the closest known one when there is one."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"unknown {what}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
 def _check_keys(spec: SweepSpec) -> list[FieldError]:
-    errors = []
+    errors = [
+        FieldError(key, value, unknown_field(key, SweepSpec.model_fields, "sweep spec field"))
+        for key, value in (spec.model_extra or {}).items()
+    ]
     for key, values in spec.grid.items():
         if key not in RUN_FIELDS:
-            errors.append(FieldError(f"grid.{key}", key, "unknown run config field"))
+            errors.append(FieldError(f"grid.{key}", key, unknown_field(key, RUN_FIELDS)))
         if not values:
             errors.append(FieldError(f"grid.{key}", values, "needs at least one value"))
     for i, override in enumerate(spec.runs):
         for key in _flatten(override):
             if key not in RUN_FIELDS:
-                errors.append(FieldError(f"runs[{i}].{key}", key, "unknown run config field"))
+                errors.append(FieldError(f"runs[{i}].{key}", key, unknown_field(key, RUN_FIELDS)))
     return errors
 
 
@@ -143,8 +158,51 @@ def _where(path: str, grid_index: dict[str, int], explicit: dict[str, Any], j: i
     return f"base.{path}" if path else "base"
 
 
+def _validate(
+    base: dict[str, Any], overrides: dict[str, Any], settings: Settings
+) -> tuple[RunConfig | None, list[tuple[str, Any, str]]]:
+    """``base`` with ``overrides`` (dotted paths) as a RunConfig, or the (path, value, reason)
+    of each problem: pydantic's errors (an unknown key worded with its closest field) or the
+    caps the config exceeds."""
+    merged = copy.deepcopy(base)
+    for path, value in overrides.items():
+        _set_path(merged, path, value)
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = []
+        for e in exc.errors():
+            path = _loc_path(e["loc"])
+            reason = unknown_field(path, RUN_FIELDS) if e["type"] == "extra_forbidden" else e["msg"]
+            problems.append((path, e.get("input"), reason))
+        return None, problems
+    return cfg, _caps(cfg, settings)
+
+
+def _unique(errors: Iterable[FieldError]) -> list[FieldError]:
+    """The first error of each field."""
+    seen: dict[str, FieldError] = {}
+    for error in errors:
+        seen.setdefault(error.field, error)
+    return list(seen.values())
+
+
+def _combinations(spec: SweepSpec) -> Iterator[tuple[dict[str, int], int, dict[str, Any]]]:
+    """(grid index, explicit run index, explicit overrides) of every run of the spec, leaving
+    out unknown keys and grid keys without values (reported by :func:`_check_keys`)."""
+    grid = {k: v for k, v in spec.grid.items() if k in RUN_FIELDS and v}
+    explicit = [
+        {k: v for k, v in _flatten(override).items() if k in RUN_FIELDS}
+        for override in spec.runs or [{}]
+    ]
+    for combo in itertools.product(*(range(len(values)) for values in grid.values())):
+        for j, overrides in enumerate(explicit):
+            yield dict(zip(grid, combo, strict=True)), j, overrides
+
+
 def expand(spec: SweepSpec, settings: Settings) -> list[ExpandedRun]:
-    """Validate ``spec`` and expand it into run configs, or raise SpecError naming bad fields."""
+    """Validate ``spec`` and expand it into run configs, or raise SpecError naming every bad
+    field (past the run cap, only the first cap's worth of runs is validated)."""
     errors = _check_keys(spec)
     total = count_runs(spec)
     if total > settings.max_runs_per_sweep:
@@ -156,39 +214,32 @@ def expand(spec: SweepSpec, settings: Settings) -> list[ExpandedRun]:
                 "(raise it with OVERPARAM_MAX_RUNS_PER_SWEEP)",
             )
         )
-    if errors:
-        raise SpecError(errors)
-
-    grid_keys = list(spec.grid)
-    seen: dict[str, FieldError] = {}
     runs: list[ExpandedRun] = []
-    for combo in itertools.product(*(range(len(spec.grid[k])) for k in grid_keys)):
-        grid_index = dict(zip(grid_keys, combo, strict=True))
-        grid_values = {k: spec.grid[k][i] for k, i in grid_index.items()}
-        for j, explicit in enumerate(spec.runs or [{}]):
-            flat_explicit = _flatten(explicit)
-            overrides = grid_values | flat_explicit
-            merged = copy.deepcopy(spec.base)
-            for path, value in overrides.items():
-                _set_path(merged, path, value)
-            problems: list[tuple[str, Any, str]] = []
-            try:
-                cfg = RunConfig.model_validate(merged)
-            except ValidationError as exc:
-                problems = [(_loc_path(e["loc"]), e.get("input"), e["msg"]) for e in exc.errors()]
-            else:
-                problems = _caps(cfg, settings)
-                runs.append(ExpandedRun(config=cfg, overrides=overrides))
-            for path, value, reason in problems:
-                field = _where(path, grid_index, flat_explicit, j)
-                seen.setdefault(field, FieldError(field, value, reason))
-    if seen:
-        raise SpecError(list(seen.values()))
+    combinations = itertools.islice(_combinations(spec), settings.max_runs_per_sweep)
+    for grid_index, j, explicit in combinations:
+        overrides = {k: spec.grid[k][i] for k, i in grid_index.items()} | explicit
+        cfg, problems = _validate(spec.base, overrides, settings)
+        if cfg is not None and not problems:
+            runs.append(ExpandedRun(config=cfg, overrides=overrides))
+        for path, value, reason in problems:
+            errors.append(FieldError(_where(path, grid_index, explicit, j), value, reason))
+    if errors:
+        raise SpecError(_unique(errors))
     return runs
 
 
-def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> Sweep:
-    """Store the sweep and all its runs (``queued``) in the caller's transaction."""
+@dataclass(frozen=True)
+class PlannedRun:
+    """An expanded run with the resources it will request."""
+
+    config: RunConfig
+    overrides: dict[str, Any]
+    resources: dict[str, Any]
+
+
+def plan_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> list[PlannedRun]:
+    """Validate and expand ``spec``, and check that every run fits on a node the dispatcher
+    last saw; stores nothing (``POST /sweeps?dry_run=true`` answers with this)."""
     expanded = expand(spec, settings)
     requests = [resolve(spec.resources, item.config, settings) for item in expanded]
     nodes = cluster_nodes(db_session=db_session)
@@ -199,11 +250,20 @@ def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) ->
             raise SpecError(
                 [FieldError("resources", request.as_dict(), f"the run {overrides} {reason}")]
             )
-    sweep = Sweep(name=spec.name, spec=spec.model_dump(), run_count=len(expanded))
+    return [
+        PlannedRun(item.config, item.overrides, request.as_dict())
+        for item, request in zip(expanded, requests, strict=True)
+    ]
+
+
+def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> Sweep:
+    """Store the sweep and all its runs (``queued``) in the caller's transaction."""
+    planned = plan_sweep(db_session=db_session, spec=spec, settings=settings)
+    sweep = Sweep(name=spec.name, spec=spec.model_dump(), run_count=len(planned))
     db_session.add(sweep)
     db_session.flush()
     manifest = base_manifest()
-    for index, (item, request) in enumerate(zip(expanded, requests, strict=True)):
+    for index, item in enumerate(planned):
         config = item.config.model_dump(mode="json")
         db_session.add(
             Run(
@@ -217,7 +277,7 @@ def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) ->
                 manifest=manifest
                 | {"config": config, "seed": item.config.seed, "data_seed": item.config.data_seed},
                 cancel_requested=False,
-                resources=request.as_dict(),
+                resources=item.resources,
             )
         )
     db_session.flush()

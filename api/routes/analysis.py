@@ -30,8 +30,8 @@ Threshold = Annotated[
 Recompute = Annotated[
     bool, Query(description="recompute from the metrics even when a stored analysis exists")
 ]
-SweepPlotKind = Literal["loss", "lambda_min", "scaling", "movement"]
-RunPlotKind = Literal["loss", "lambda_min", "movement"]
+SweepPlotKind = Literal["loss", "lambda_min", "lambda0_ratio", "scaling", "movement"]
+RunPlotKind = Literal["loss", "lambda_min", "lambda0_ratio", "movement"]
 PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "a PNG image"}
 }
@@ -68,15 +68,21 @@ def sweep_plot(
         str | None, Query(description="swept parameter to colour by (default: width if swept)")
     ] = None,
     x: Annotated[str, Query(description="scaling: the swept parameter on the x axis")] = "width",
+    y: Annotated[
+        list[str] | None,
+        Query(description="scaling: the fitted quantities to draw (repeatable; default: six)"),
+    ] = None,
     loss_threshold: Threshold = None,
 ) -> Response:
-    """A PNG: loss curves, λ_min over training, scaling-law fits or per-layer movement."""
+    """A PNG: loss curves, λ_min(H(k)), λ_min(G⁽ᴴ⁾(k))/λ₀, scaling-law fits or per-layer
+    movement."""
     png = plots.sweep_plot(
         db_session=db,
         sweep_id=sweep_id,
         kind=kind,
         color_by=color_by,
         x=x,
+        y=y,
         loss_threshold=loss_threshold,
     )
     return Response(png, media_type="image/png", headers=NO_STORE)
@@ -84,6 +90,7 @@ def sweep_plot(
 
 @router.get("/runs/{run_id}/plots/{kind}", response_class=Response, responses=PNG)
 def run_plot(run_id: int, kind: RunPlotKind, db: SessionDep) -> Response:
-    """A PNG of one run: its loss curve with the theory's, λ_min, or per-layer movement."""
+    """A PNG of one run: its loss curve with the theory's, λ_min(H(k)), λ_min(G⁽ᴴ⁾(k))/λ₀, or
+    per-layer movement."""
     png = plots.run_plot(db_session=db, run_id=run_id, kind=kind)
     return Response(png, media_type="image/png", headers=NO_STORE)

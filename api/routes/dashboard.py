@@ -2,11 +2,13 @@
 
 No build step: plain HTML, CSS and JavaScript, with uPlot (MIT, from the npm registry) vendored
 under ``api/static/vendor``. The page learns the worker's metric names from its ``<body>``
-attributes, filled in here from :mod:`worker.metrics`.
+attributes and the label of every quantity (:mod:`services.quantities`, the same the PNG plots
+and the CLI show) from a JSON block, both filled in here.
 """
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -15,11 +17,24 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 from services.errors import NotFound
-from worker.metric_names import LAMBDA_MIN, LOSS
+from services.quantities import catalogue
+from worker.metric_names import LAMBDA_MAX, LAMBDA_MIN, LAYER_METRICS, LOSS, PREDICTED_LOSS
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False)
+
+
+def page_catalogue() -> str:
+    """The labels and the metric names the page's script uses, as JSON safe inside <script>."""
+    metrics = {
+        "loss": LOSS,
+        "lambdaMin": LAMBDA_MIN,
+        "lambdaMax": LAMBDA_MAX,
+        "predictedLoss": PREDICTED_LOSS,
+        "movement": LAYER_METRICS["weight_dist_rel"],
+    }
+    return json.dumps(catalogue() | {"metrics": metrics}).replace("</", "<\\/")
 
 
 @cache
@@ -28,7 +43,8 @@ def page() -> str:
         html = (STATIC_DIR / "dashboard.html").read_text()
     except FileNotFoundError:
         raise NotFound(f"the dashboard is not installed here ({STATIC_DIR} is missing)") from None
-    return html.replace("__LOSS__", LOSS).replace("__LAMBDA_MIN__", LAMBDA_MIN)
+    html = html.replace("__LOSS__", LOSS).replace("__LAMBDA_MIN__", LAMBDA_MIN)
+    return html.replace("__QUANTITIES__", page_catalogue())
 
 
 @router.get("/")
@@ -39,7 +55,7 @@ def root() -> RedirectResponse:
 
 @router.get("/dashboard", response_class=HTMLResponse)
 def dashboard() -> HTMLResponse:
-    """Sweeps and runs with their states, live charts from the streams, the sweep analysis."""
+    """Sweeps, external runs and per-run pages: live charts from the streams, the analyses."""
     return HTMLResponse(page(), headers={"Cache-Control": "no-cache"})
 
 

@@ -16,18 +16,14 @@ from services.external_runs import RunCreate, RunFinish, create_run, finish_run
 router = APIRouter(prefix="/runs", tags=["runs"])
 
 
-class RunCreated(RunPublic):
-    external: bool
-
-
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunCreated)
-def create(body: RunCreate, db: SessionDep, settings: SettingsDep) -> RunCreated:
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
+def create(body: RunCreate, db: SessionDep, settings: SettingsDep) -> RunPublic:
     """Create an external run (running at once, logged to over REST) or queue one run."""
-    return RunCreated.model_validate(create_run(db_session=db, body=body, settings=settings))
+    return RunPublic.model_validate(create_run(db_session=db, body=body, settings=settings))
 
 
-@router.post("/{run_id}/finish", response_model=RunCreated)
-def finish(run_id: RunId, body: RunFinish, db: SessionDep, settings: SettingsDep) -> RunCreated:
+@router.post("/{run_id}/finish", response_model=RunPublic)
+def finish(run_id: RunId, body: RunFinish, db: SessionDep, settings: SettingsDep) -> RunPublic:
     """Finish an external run: its final status, and optionally an error and a summary."""
     run = finish_run(db_session=db, run_id=run_id, body=body, settings=settings)
-    return RunCreated.model_validate(run)
+    return RunPublic.model_validate(run)

@@ -25,16 +25,20 @@ def list_(
     fields: Annotated[
         list[Field] | None, Query(description="also return these (repeatable)")
     ] = None,
+    external: Annotated[
+        bool | None, Query(description="only external runs (true) or only the cluster's (false)")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> RunsPublic:
-    """Runs in id order, optionally of one sweep and/or in one state; without their config
-    and manifest unless ``fields`` asks for them."""
+    """Runs in id order, optionally of one sweep, in one state, external or not; without their
+    config and manifest unless ``fields`` asks for them."""
     wanted = set(fields or ())
     runs, count = run_service.list_runs(
         db_session=db,
         sweep_id=sweep_id,
         status=status,
+        external=external,
         limit=limit,
         offset=offset,
         large=wanted,

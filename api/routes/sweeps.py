@@ -4,25 +4,43 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Query, Request, status
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
 from api.deps import SessionDep, SettingsDep, SweepId, wake_dispatcher
-from api.schemas import SweepCreated, SweepPublic, SweepsPublic
+from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
-from services.sweeps import SweepSpec, create_sweep
+from services.sweeps import SweepSpec, create_sweep, plan_sweep
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated | SweepPlan)
 def create(
     spec: SweepSpec,
     db: SessionDep,
     settings: SettingsDep,
     request: Request,
     background: BackgroundTasks,
-) -> SweepCreated:
-    """Validate a sweep spec, expand its grid and queue every run."""
+    response: Response,
+    dry_run: Annotated[
+        bool, Query(description="validate and expand only: 200 with the runs, nothing stored")
+    ] = False,
+) -> SweepCreated | SweepPlan:
+    """Validate a sweep spec, expand its grid and queue every run (``dry_run``: only show the
+    runs it expands to)."""
+    if dry_run:
+        response.status_code = status.HTTP_200_OK
+        planned = plan_sweep(db_session=db, spec=spec, settings=settings)
+        runs = [
+            PlannedRunPublic(
+                index=i,
+                overrides=p.overrides,
+                config=p.config.model_dump(mode="json"),
+                resources=p.resources,
+            )
+            for i, p in enumerate(planned)
+        ]
+        return SweepPlan(name=spec.name, run_count=len(runs), runs=runs)
     sweep = create_sweep(db_session=db, spec=spec, settings=settings)
     run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
     background.add_task(wake_dispatcher, request)  # runs after the answer, so after the commit

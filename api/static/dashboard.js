@@ -1,82 +1,42 @@
-// overparam dashboard: sweeps and runs with their states, live charts fed by the sweep's SSE
-// stream, and the sweep analysis. Plain JavaScript over the REST API; charts by uPlot.
+// overparam dashboard: the sweeps and external runs, a sweep's page (live loss with the
+// theory's curve, λ_min(H(k)), any metric, runs, analysis) fed by the sweep's SSE stream, and
+// the routing between it and a run's page (run.js). Plain JavaScript over the REST API.
 "use strict";
 
-const API = "/api/v1";
-const LOSS = document.body.dataset.lossMetric;
-const LAMBDA_MIN = document.body.dataset.lambdaMetric;
+const LOSS = METRICS.loss;
+const LAMBDA_MIN = METRICS.lambdaMin;
+const THEORY = METRICS.predictedLoss;
+const STREAMED = [LOSS, LAMBDA_MIN, THEORY];
 const HISTORY_POINTS = 400; // per series for the first draw (min/max downsampled server-side)
-const FINAL = new Set(["succeeded", "diverged", "failed", "cancelled"]);
 const SEEDS = new Set(["seed", "data.seed"]);
-const VIRIDIS = ["#440154", "#414487", "#2a788e", "#22a884", "#7ad151", "#bddf26"];
+const GROUP_QUANTITIES = ["final_loss", "fitted_rate", "theory_rate", "steps_to_threshold", "lambda_min_min_ratio", "eta_lambda_max_max"];
 
 const state = {
   sweepId: null,
   runs: new Map(), // id -> run (status, overrides, config)
-  series: { [LOSS]: new Map(), [LAMBDA_MIN]: new Map() }, // metric -> run id -> {x, y}
+  series: Object.fromEntries(STREAMED.map((m) => [m, new Map()])), // metric -> run id -> {x, y}
   latest: new Map(), // run id -> {step, loss, lambda}
-  charts: {},
-  source: null,
+  flags: new Map(), // run id -> the analysis' flags
   colorBy: null,
+  styleBy: null,
+  source: null,
   redrawPending: false,
   analysisTimer: null,
   updates: 0, // stream batches applied (the browser test watches it)
 };
 window.overparamDashboard = state;
 
-async function api(path) {
-  const response = await fetch(API + path, { headers: { accept: "application/json" } });
-  if (!response.ok) throw new Error(`${response.status} ${path}`);
-  return response.json();
-}
-
-function number(value) {
-  return typeof value === "string" ? Number(value) : value; // "NaN", "Infinity", "-Infinity"
-}
-
-function fmt(value, digits = 4) {
-  if (value === null || value === undefined || Number.isNaN(value)) return "";
-  if (typeof value !== "number") return String(value);
-  return Math.abs(value) >= 1e4 || (Math.abs(value) < 1e-3 && value !== 0)
-    ? value.toExponential(digits - 1)
-    : Number(value.toPrecision(digits)).toString();
-}
-
-function el(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "class") node.className = value;
-    else if (key === "style") node.setAttribute("style", value);
-    else if (key.startsWith("data-")) node.setAttribute(key, value);
-    else node[key] = value;
-  }
-  for (const child of children) node.append(child instanceof Node ? child : String(child));
-  return node;
-}
-
-// -- sweeps --------------------------------------------------------------------------------------
-
-async function loadSweeps() {
-  const { data } = await api("/sweeps?limit=100");
-  const list = document.getElementById("sweeps");
-  list.replaceChildren(
-    ...data.map((sweep) => {
-      const counts = Object.entries(sweep.status_counts)
-        .map(([status, n]) => `${n} ${status}`)
-        .join(", ");
-      const item = el(
-        "li",
-        { "data-sweep-id": sweep.id, class: sweep.id === state.sweepId ? "selected" : "" },
-        el("div", { class: "name" }, `#${sweep.id} ${sweep.name}`),
-        el("div", { class: "counts" }, `${sweep.run_count} runs: ${counts}`),
-      );
-      item.addEventListener("click", () => (location.hash = `sweep=${sweep.id}`));
-      return item;
-    }),
-  );
-  if (!data.length) list.replaceChildren(el("li", { class: "muted" }, "no sweeps yet"));
-  if (state.sweepId === null && data.length && !location.hash) location.hash = `sweep=${data[0].id}`;
-}
+const figures = {
+  loss: new Figure(document.getElementById("fig-loss"), { caption: `training loss ${labelOf(LOSS)}, ${labelOf(THEORY)} dashed` }),
+  lambda: new Figure(document.getElementById("fig-lambda"), { caption: `${labelOf(LAMBDA_MIN)} of the empirical NTK` }),
+  chooser: new Figure(document.getElementById("fig-chooser")),
+};
+figures.loss.draw = () => drawLoss();
+figures.lambda.draw = () => drawLambda();
+figures.chooser.draw = () => loadChosen();
+const chooser = document.querySelector("#fig-chooser .metric-choice");
+chooser.addEventListener("change", () => loadChosen());
+document.querySelectorAll("th.q").forEach((th) => (th.textContent = labelOf(th.dataset.q)));
 
 function params(run) {
   return Object.entries(run.overrides || {})
@@ -84,49 +44,100 @@ function params(run) {
     .join(" ");
 }
 
-function chooseColorBy(runs) {
-  const keys = new Set(runs.flatMap((run) => Object.keys(run.overrides || {})));
-  const varying = [...keys].filter(
-    (key) => !SEEDS.has(key) && new Set(runs.map((run) => JSON.stringify(run.overrides[key]))).size > 1,
+function showView(id) {
+  for (const view of document.querySelectorAll(".view")) view.hidden = view.id !== id;
+}
+
+// -- the lists -----------------------------------------------------------------------------------
+
+function card(href, selected, title, detail) {
+  const item = el("li", { class: selected ? "selected" : "" }, el("a", { href }, el("div", { class: "name" }, title), el("div", { class: "counts" }, detail)));
+  return item;
+}
+
+async function loadSweeps() {
+  const { data } = await api("/sweeps?limit=100");
+  const list = document.getElementById("sweeps");
+  list.replaceChildren(
+    ...data.map((sweep) => {
+      const counts = Object.entries(sweep.status_counts).map(([status, n]) => `${n} ${status}`).join(", ");
+      const item = card(`#sweep=${sweep.id}`, sweep.id === state.sweepId, `#${sweep.id} ${sweep.name}`, `${sweep.run_count} runs: ${counts}`);
+      item.dataset.sweepId = sweep.id;
+      return item;
+    }),
   );
-  return varying.includes("width") ? "width" : varying[0] || null;
+  if (!data.length) list.replaceChildren(el("li", { class: "muted" }, "no sweeps yet"));
+  if (!location.hash && data.length) location.hash = `sweep=${data[0].id}`;
 }
 
-function colorOf(run) {
+async function loadExternal() {
+  const { data } = await api("/runs?external=true&limit=1000");
+  const list = document.getElementById("external");
+  const newest = data.slice(-50).reverse();
+  list.replaceChildren(
+    ...newest.map((run) => {
+      const item = card(`#run=${run.id}`, run.id === currentRunId(), `run #${run.id}`, `${run.status}, ${run.summary.steps_done ?? 0} steps`);
+      item.dataset.runId = run.id;
+      return item;
+    }),
+  );
+  if (!data.length) list.replaceChildren(el("li", { class: "muted" }, "none yet (POST /api/v1/runs with external: true)"));
+}
+
+// -- a sweep -------------------------------------------------------------------------------------
+
+function varying(runs) {
+  const keys = new Set(runs.flatMap((run) => Object.keys(run.overrides || {})));
+  const out = [...keys].filter((key) => !SEEDS.has(key) && new Set(runs.map((run) => JSON.stringify(run.overrides[key]))).size > 1);
+  return out.sort((a, b) => (a === "width" ? -1 : b === "width" ? 1 : 0));
+}
+
+function looks() {
   const runs = [...state.runs.values()];
-  const key = state.colorBy;
-  const values = key
-    ? [...new Set(runs.map((r) => JSON.stringify(r.overrides[key])))].sort((a, b) => number(JSON.parse(a)) - number(JSON.parse(b)))
-    : runs.map((r) => String(r.id));
-  const index = values.indexOf(key ? JSON.stringify(run.overrides[key]) : String(run.id));
-  const t = values.length > 1 ? index / (values.length - 1) : 0.5;
-  return VIRIDIS[Math.min(VIRIDIS.length - 1, Math.round(t * (VIRIDIS.length - 1)))];
+  const colors = palette(runs.map((run) => (state.colorBy ? run.overrides[state.colorBy] : run.id)));
+  const styles = dashes(runs.map((run) => (state.styleBy ? run.overrides[state.styleBy] : null)));
+  return {
+    color: (run) => colors.colorOf(state.colorBy ? run.overrides[state.colorBy] : run.id),
+    dash: (run) => styles.dashOf(state.styleBy ? run.overrides[state.styleBy] : null),
+    legend: (theory) => {
+      const entries = state.colorBy
+        ? colors.values.map((v) => ({ label: `${state.colorBy} = ${v}`, stroke: colors.colorOf(v) }))
+        : runs.map((run) => ({ label: `run ${run.id}`, stroke: colors.colorOf(run.id) }));
+      if (state.styleBy) entries.push(...styles.values.map((v) => ({ label: `${state.styleBy} = ${v}`, stroke: "#555", dash: styles.dashOf(v) })));
+      if (theory) entries.push({ label: labelOf(THEORY), stroke: "#555", dash: THEORY_DASH });
+      return entries;
+    },
+  };
 }
 
-async function selectSweep(id) {
+function closeSweep() {
   if (state.source) state.source.close();
-  Object.values(state.charts).forEach((chart) => chart.destroy());
-  Object.assign(state, { sweepId: id, source: null, charts: {}, updates: 0 });
+  Object.values(figures).forEach((figure) => figure.reset());
+  Object.assign(state, { sweepId: null, source: null, updates: 0 });
+}
+
+async function showSweep(id) {
+  closeRun();
+  closeSweep();
+  state.sweepId = id;
   state.runs = new Map();
   state.latest = new Map();
-  state.series = { [LOSS]: new Map(), [LAMBDA_MIN]: new Map() };
-  document.getElementById("empty").hidden = true;
-  document.getElementById("sweep").hidden = false;
-  document.querySelectorAll("#sweeps li").forEach((li) => li.classList.toggle("selected", li.dataset.sweepId == id));
+  state.flags = new Map();
+  state.series = Object.fromEntries(STREAMED.map((m) => [m, new Map()]));
+  showView("sweep");
+  document.querySelectorAll("#sweeps li").forEach((li) => li.classList.toggle("selected", li.dataset.sweepId === String(id)));
   const sweep = await api(`/sweeps/${id}`);
   document.getElementById("sweep-title").textContent = `Sweep #${sweep.id}: ${sweep.name}`;
   const { data: runs } = await api(`/runs?sweep_id=${id}&limit=1000`);
   runs.forEach((run) => state.runs.set(run.id, run));
-  state.colorBy = chooseColorBy(runs);
+  [state.colorBy, state.styleBy] = varying(runs);
   await loadHistory(id);
-  renderRuns();
   redraw();
   loadAnalysis();
+  loadChooserNames(runs);
   if (runs.some((run) => !FINAL.has(run.status))) openStream(id);
   else setLive(false, "finished");
 }
-
-// -- metrics -------------------------------------------------------------------------------------
 
 function addPoint(metric, runId, step, value) {
   const runs = state.series[metric];
@@ -134,31 +145,22 @@ function addPoint(metric, runId, step, value) {
   if (!runs.has(runId)) runs.set(runId, { x: [], y: [] });
   const s = runs.get(runId);
   if (s.x.length && step <= s.x[s.x.length - 1]) return; // already drawn (history or stream)
-  const v = number(value);
   s.x.push(step);
-  s.y.push(Number.isFinite(v) && (metric !== LOSS || v > 0) ? v : null);
+  s.y.push(number(value));
   const latest = state.latest.get(runId) || { step: 0, loss: null, lambda: null };
-  if (metric === LOSS) Object.assign(latest, { step: Math.max(latest.step, step), loss: v });
-  else latest.lambda = v;
+  if (metric === LOSS) Object.assign(latest, { step: Math.max(latest.step, step), loss: number(value) });
+  else if (metric === LAMBDA_MIN) latest.lambda = number(value);
   state.latest.set(runId, latest);
 }
 
 async function loadHistory(id) {
-  let cursor = null;
-  do {
-    const query = new URLSearchParams({ max_points: HISTORY_POINTS, limit: 100000 });
-    query.append("name", LOSS);
-    query.append("name", LAMBDA_MIN);
-    if (cursor) query.set("cursor", cursor);
-    let page;
-    try {
-      page = await api(`/sweeps/${id}/metrics?${query}`);
-    } catch (error) {
-      return; // no run has points yet (404): the stream brings them
-    }
-    for (const p of page.data) addPoint(p.metric, p.run_id, p.step, p.value);
-    cursor = page.next_cursor;
-  } while (cursor);
+  let series;
+  try {
+    series = await readPages(`/sweeps/${id}/metrics`, metricQuery(STREAMED, HISTORY_POINTS));
+  } catch (error) {
+    return; // no run has points yet (404): the stream brings them
+  }
+  for (const s of series) s.x.forEach((step, i) => addPoint(s.metric, s.runId, step, s.y[i]));
 }
 
 function setLive(live, text) {
@@ -169,8 +171,7 @@ function setLive(live, text) {
 
 function openStream(id) {
   const query = new URLSearchParams();
-  query.append("name", LOSS);
-  query.append("name", LAMBDA_MIN);
+  STREAMED.forEach((name) => query.append("name", name));
   const source = new EventSource(`${API}/sweeps/${id}/stream?${query}`);
   state.source = source;
   setLive(true, "live");
@@ -199,58 +200,36 @@ function openStream(id) {
   source.onerror = () => setLive(false, "reconnecting…"); // EventSource resumes by itself
 }
 
-// -- charts --------------------------------------------------------------------------------------
-
-function chartData(metric) {
-  const ids = [...state.runs.keys()].filter((id) => state.series[metric].has(id));
-  const tables = ids.map((id) => [state.series[metric].get(id).x, state.series[metric].get(id).y]);
-  return { ids, data: tables.length ? uPlot.join(tables) : [[]] };
+function drawLoss() {
+  const look = looks();
+  const tables = [];
+  const series = [];
+  for (const [id, run] of state.runs) {
+    const loss = state.series[LOSS].get(id);
+    const theory = state.series[THEORY].get(id);
+    if (loss) {
+      tables.push(loss);
+      series.push({ label: `run ${id} ${params(run)}`, stroke: look.color(run), dash: look.dash(run) });
+    }
+    if (theory) {
+      tables.push(theory);
+      series.push({ label: `run ${id} theory`, stroke: look.color(run), dash: THEORY_DASH, width: 1, alpha: 0.8 });
+    }
+  }
+  figures.loss.render(tables, series, look.legend(state.series[THEORY].size > 0));
 }
 
-function drawChart(key, metric, logScale) {
-  const container = document.getElementById(key);
-  const { ids, data } = chartData(metric);
-  container.dataset.points = ids.reduce((n, id) => n + state.series[metric].get(id).x.length, 0);
-  const signature = ids.join(",");
-  let chart = state.charts[key];
-  if (chart && chart.signature === signature) {
-    chart.setData(data);
-    return;
-  }
-  if (chart) chart.destroy();
-  if (!ids.length) return;
-  const width = Math.max(360, Math.min(620, container.parentElement.clientWidth - 20 || 560));
-  chart = new uPlot(
-    {
-      width,
-      height: 300,
-      scales: { x: { time: false }, y: logScale ? { distr: 3, log: 10 } : {} },
-      axes: [
-        { label: "step k" },
-        logScale
-          ? { size: 64, values: (u, splits) => splits.map((v) => (v === null ? "" : fmt(v, 2))) }
-          : { size: 64 },
-      ],
-      legend: { show: false }, // the runs table below carries each run's colour
-      series: [
-        { label: "step" },
-        ...ids.map((id) => {
-          const run = state.runs.get(id);
-          return { label: `run ${id} ${params(run)}`, stroke: colorOf(run), width: 1.5, spanGaps: true };
-        }),
-      ],
-    },
-    data,
-    container,
-  );
-  chart.signature = signature;
-  state.charts[key] = chart;
+function drawLambda() {
+  const look = looks();
+  const ids = [...state.runs.keys()].filter((id) => state.series[LAMBDA_MIN].has(id));
+  const series = ids.map((id) => ({ label: `run ${id}`, stroke: look.color(state.runs.get(id)), dash: look.dash(state.runs.get(id)) }));
+  figures.lambda.render(ids.map((id) => state.series[LAMBDA_MIN].get(id)), series, look.legend(false));
 }
 
 function redraw() {
   state.redrawPending = false;
-  drawChart("chart-loss", LOSS, true);
-  drawChart("chart-lambda", LAMBDA_MIN, false);
+  drawLoss();
+  drawLambda();
   renderRuns();
 }
 
@@ -261,21 +240,50 @@ function scheduleRedraw() {
 }
 
 function renderRuns() {
+  const look = looks();
   const body = document.querySelector("#runs tbody");
   body.replaceChildren(
     ...[...state.runs.values()].map((run) => {
       const latest = state.latest.get(run.id) || {};
+      const flags = state.flags.get(run.id) || [];
       return el(
         "tr",
         { "data-run-id": run.id, "data-status": run.status, "data-step": latest.step ?? "" },
-        el("td", {}, el("span", { class: "swatch", style: `background:${colorOf(run)}` }), run.id),
+        el("td", {}, el("span", { class: "swatch", style: `background:${look.color(run)}` }), el("a", { href: `#run=${run.id}` }, run.id)),
         el("td", {}, params(run)),
         el("td", { class: `status-${run.status}`, title: run.error || "" }, run.status),
         el("td", { class: "num" }, latest.step ?? ""),
         el("td", { class: "num" }, fmt(latest.loss)),
         el("td", { class: "num" }, fmt(latest.lambda)),
+        el("td", { class: "flag-names" }, flags.map((f) => f.name).join(", ")),
       );
     }),
+  );
+}
+
+// -- the metric chooser --------------------------------------------------------------------------
+
+async function loadChooserNames(runs) {
+  const started = runs.filter((run) => run.status !== "queued");
+  const lists = await Promise.all(started.map((run) => api(`/runs/${run.id}/metric-names`).then((r) => r.data, () => [])));
+  const names = [...new Set(lists.flat())].sort();
+  fillChooser(chooser, names, "ntk_rel_change");
+  if (names.length) loadChosen();
+}
+
+async function loadChosen() {
+  const id = state.sweepId;
+  const metric = chooser.value;
+  if (!metric || id === null) return;
+  const figure = figures.chooser;
+  const series = await readPages(`/sweeps/${id}/metrics`, metricQuery([metric], HISTORY_POINTS)).catch(() => []);
+  if (id !== state.sweepId || metric !== chooser.value) return;
+  const look = looks();
+  const shown = series.filter((s) => state.runs.has(s.runId));
+  figure.render(
+    shown,
+    shown.map((s) => ({ label: `run ${s.runId}`, stroke: look.color(state.runs.get(s.runId)), dash: look.dash(state.runs.get(s.runId)) })),
+    look.legend(false),
   );
 }
 
@@ -286,13 +294,65 @@ function scheduleAnalysis() {
   state.analysisTimer = setTimeout(loadAnalysis, 500);
 }
 
-function meanStd(stats) {
-  if (!stats || stats.mean === null) return "";
-  return stats.std === null ? fmt(stats.mean) : `${fmt(stats.mean)} ± ${fmt(stats.std, 2)}`;
+function statsText(stats) {
+  if (!stats || stats.mean === null || stats.mean === undefined) return "";
+  if (stats.spans_decades && stats.geomean !== null) return stats.geostd ? `${fmt(stats.geomean)} ×/÷ ${fmt(stats.geostd)}` : fmt(stats.geomean);
+  return stats.std === null ? fmt(stats.mean) : `${fmt(stats.mean)} ± ${fmt(stats.std)}`;
 }
 
 function groupText(group) {
   return Object.entries(group).map(([k, v]) => `${k}=${v}`).join(" ") || "all runs";
+}
+
+function renderGroups(groups) {
+  const table = document.getElementById("groups");
+  table.querySelector("thead").replaceChildren(
+    el("tr", {}, el("th", {}, "group"), el("th", {}, "final runs"), ...GROUP_QUANTITIES.map((q) => el("th", { "data-q": q }, labelOf(q))), el("th", {}, "flags")),
+  );
+  table.querySelector("tbody").replaceChildren(
+    ...groups.map((group) => {
+      const total = group.run_ids.length;
+      const final = total - (group.pending || 0);
+      const flags = Object.entries(group.flags || {}).map(([name, n]) => `${name} ${n}/${final}`).join(", ");
+      return el(
+        "tr",
+        { class: group.pending ? "partial" : "", "data-pending": group.pending || 0 },
+        el("td", {}, groupText(group.params)),
+        el("td", { class: "num" }, final === total ? total : `${final}/${total}`),
+        ...GROUP_QUANTITIES.map((q) => el("td", { class: "num" }, statsText(group.stats[q]))),
+        el("td", { class: "flag-names" }, flags),
+      );
+    }),
+  );
+}
+
+function renderFits(fits) {
+  document.getElementById("fits").hidden = !fits.length;
+  document.querySelector("#fits tbody").replaceChildren(
+    ...fits.map((fit) =>
+      el(
+        "tr",
+        { "data-y": fit.y, "data-kind": fit.kind },
+        el("td", {}, fit.x),
+        el("td", { title: labelOf(fit.y) }, fit.y),
+        el("td", {}, groupText(fit.group)),
+        el("td", {}, fit.kind),
+        el("td", { class: "num slope" }, fmt(fit.slope)),
+        el("td", { class: "num" }, fit.ci ? `[${fmt(fit.ci[0])}, ${fmt(fit.ci[1])}]` : ""),
+        el("td", { class: "num" }, fit.n_points),
+        el("td", { class: "num" }, fmt(fit.r2)),
+        el("td", { class: "num" }, fit.reference_slope ?? ""),
+      ),
+    ),
+  );
+}
+
+function renderFlags(list, runs) {
+  list.replaceChildren(
+    ...runs
+      .filter((run) => run.flags && run.flags.length)
+      .map((run) => el("li", {}, el("a", { href: `#run=${run.id}` }, `run ${run.id}`), ` (${params(run)}): `, run.flags.map((f) => f.message).join("; "))),
+  );
 }
 
 async function loadAnalysis() {
@@ -306,41 +366,17 @@ async function loadAnalysis() {
     return;
   }
   if (id !== state.sweepId) return;
+  const pending = analysis.groups.reduce((n, g) => n + (g.pending || 0), 0);
   const widths = (analysis.smallest_width || [])
     .map((entry) => `${groupText(entry.group)}: smallest width where every run reached the loss threshold = ${entry.smallest_width_all ?? "none"}`)
     .join("; ");
-  note.textContent = `swept: ${analysis.swept.join(", ") || "nothing"}. ${widths}`;
-  document.getElementById("fits").hidden = !analysis.fits.length;
-  document.querySelector("#fits tbody").replaceChildren(
-    ...analysis.fits.map((fit) =>
-      el(
-        "tr",
-        { "data-y": fit.y },
-        el("td", {}, fit.x),
-        el("td", {}, fit.y),
-        el("td", {}, groupText(fit.group)),
-        el("td", {}, fit.kind),
-        el("td", { class: "num slope" }, fit.slope.toFixed(3)),
-        el("td", { class: "num" }, fit.ci ? `[${fit.ci[0].toFixed(3)}, ${fit.ci[1].toFixed(3)}]` : ""),
-        el("td", { class: "num" }, fit.n_points),
-        el("td", { class: "num" }, fit.r2.toFixed(3)),
-        el("td", { class: "num" }, fit.reference_slope ?? ""),
-      ),
-    ),
-  );
-  document.querySelector("#groups tbody").replaceChildren(
-    ...analysis.groups.map((group) =>
-      el(
-        "tr",
-        {},
-        el("td", {}, groupText(group.params)),
-        el("td", { class: "num" }, group.run_ids.length),
-        ...["final_loss", "fitted_rate", "theory_rate", "steps_to_threshold", "lambda_min_min_ratio"].map((key) =>
-          el("td", { class: "num" }, meanStd(group.stats[key])),
-        ),
-      ),
-    ),
-  );
+  const partial = pending ? ` ${pending} runs are not final yet: their groups show the final runs only.` : "";
+  note.textContent = `swept: ${analysis.swept.join(", ") || "nothing"}.${partial} ${widths}`;
+  analysis.runs.forEach((run) => state.flags.set(run.id, run.flags || []));
+  renderGroups(analysis.groups);
+  renderFits(analysis.fits);
+  renderFlags(document.getElementById("sweep-flags"), analysis.runs);
+  renderRuns();
   const stamp = Date.now();
   document.getElementById("plot-loss").src = `${API}/sweeps/${id}/plots/loss?t=${stamp}`;
   if (analysis.fits.length) document.getElementById("plot-scaling").src = `${API}/sweeps/${id}/plots/scaling?t=${stamp}`;
@@ -349,11 +385,23 @@ async function loadAnalysis() {
 
 // -- start ---------------------------------------------------------------------------------------
 
+function currentRunId() {
+  const match = /run=(\d+)/.exec(location.hash);
+  return match ? Number(match[1]) : null;
+}
+
 function route() {
-  const match = /sweep=(\d+)/.exec(location.hash);
-  if (match && Number(match[1]) !== state.sweepId) selectSweep(Number(match[1]));
+  const sweep = /sweep=(\d+)/.exec(location.hash);
+  const run = currentRunId();
+  document.querySelectorAll("#external li").forEach((li) => li.classList.toggle("selected", li.dataset.runId === String(run)));
+  if (run !== null) showRun(run);
+  else if (sweep && Number(sweep[1]) !== state.sweepId) showSweep(Number(sweep[1]));
+  else if (!sweep) showView("empty");
 }
 
 window.addEventListener("hashchange", route);
-loadSweeps().then(route);
-setInterval(loadSweeps, 5000);
+Promise.all([loadSweeps(), loadExternal()]).then(route);
+setInterval(() => {
+  loadSweeps();
+  loadExternal();
+}, 5000);

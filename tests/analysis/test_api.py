@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from matplotlib import image
 from scipy import stats
 
-from services.analysis import LATE_FRACTION, LAYER_METRICS
+from services.analysis import ANALYSIS_VERSION, LATE_FRACTION, LAYER_METRICS
 from tests.analysis.synthetic import (
     SEEDS,
     WIDTHS,
@@ -118,7 +118,7 @@ def test_a_stored_analysis_is_served_unless_recomputed(client: TestClient, store
     store.write(run_id, run_points(64, 0, upto=60))
     partial = client.get(f"/api/v1/runs/{run_id}/analysis").json()
     assert partial["status"] == "running" and partial["steps_done"] == 60
-    stored = {"version": 1, "note": "stored by the dispatcher"}
+    stored = {"version": ANALYSIS_VERSION, "note": "stored by the dispatcher"}
     store.move(run_id, "running", "succeeded", summary={"analysis": stored})
     assert client.get(f"/api/v1/runs/{run_id}/analysis").json()["note"] == stored["note"]
     fresh = client.get(f"/api/v1/runs/{run_id}/analysis", params={"recompute": True}).json()
@@ -150,7 +150,7 @@ def test_plots_are_non_blank_pngs(
     client: TestClient, width_sweep: tuple[int, list[dict[str, Any]]]
 ) -> None:
     sweep_id, runs = width_sweep
-    for kind in ("loss", "lambda_min", "scaling", "movement"):
+    for kind in ("loss", "lambda_min", "lambda0_ratio", "scaling", "movement"):
         response = client.get(f"/api/v1/sweeps/{sweep_id}/plots/{kind}")
         assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "image/png"

@@ -8,16 +8,20 @@ from typing import Any
 
 import pytest
 
-from services.analysis import (
+from services.analysis import LOSS_FLOOR, analyze_run, late_phase
+from worker.metric_names import (
     DUPLICATE_PAIRS,
+    GRAM_H_MIN,
     LAMBDA0,
+    LAMBDA_MAX,
+    LAMBDA_MIN,
     LAYER_METRICS,
-    LOSS_FLOOR,
+    LOSS,
+    NTK_CHANGE,
+    PARALLEL_PAIRS,
     RUN_LR,
-    analyze_run,
-    late_phase,
+    Y_HINV_Y,
 )
-from worker.metric_names import GRAM_H_MIN, LAMBDA_MAX, LAMBDA_MIN, LOSS
 
 CONFIG: dict[str, Any] = {
     "arch": "two_layer",
@@ -151,3 +155,68 @@ def test_any_history_and_config_give_strict_json() -> None:
         ({LOSS: [(0, -1.0), (1, math.nan)]}, CONFIG),
     ]:
         json.dumps(analyze_run(points, config), allow_nan=False)
+
+
+def test_distance_ratio_measures_every_trained_layer() -> None:
+    """√(yᵀΘ⁻¹y) predicts the distance of all parameters: layers 3 and 4 moved 5 in all."""
+    points = history() | {
+        Y_HINV_Y: [(0, 25.0)],
+        LAYER_METRICS["weight_dist"] + "layer1": [(0, 0.0), (200, 3.0)],
+        LAYER_METRICS["weight_dist"] + "out": [(0, 0.0), (200, 4.0)],
+    }
+    theory = analyze_run(points, CONFIG | {"arch": "fc", "depth": 1})["theory"]
+    assert theory["distance_ratio"] == pytest.approx(1.0)
+    assert theory["predicted_distance"] == 5.0 and theory["measured_distance"] == 5.0
+
+
+def test_the_theory_rate_takes_the_top_mode_near_the_stability_limit() -> None:
+    """η·λ_max(H(0)) = 1.975: |1 − ηλ_max| = 0.975 contracts more slowly than 1 − ηλ_min."""
+    points = history()
+    points[LAMBDA_MAX] = [(k, 3.95) for k in range(0, 201, 10)]
+    conv = analyze_run(points, CONFIG)["convergence"]
+    assert conv["theory_rate"] == pytest.approx(2 * math.log(0.975))
+    assert conv["late_theory_rate"] == pytest.approx(2 * math.log(0.975))
+    past = history()
+    past[LAMBDA_MAX] = [(k, 4.4) for k in range(0, 201, 10)]  # η·λ_max = 2.2: it grows
+    assert analyze_run(past, CONFIG)["convergence"]["theory_rate"] == pytest.approx(
+        2 * math.log(1.2)
+    )
+
+
+def test_distinct_inputs_counts_a_duplicate_pair_once() -> None:
+    """A duplicate pair is also a parallel pair; the worker counts it in both."""
+    points = history() | {DUPLICATE_PAIRS: [(0, 1.0)], PARALLEL_PAIRS: [(0, 1.0)]}
+    checks = {c["name"]: c for c in analyze_run(points, CONFIG)["regime"]["checks"]}
+    assert checks["distinct_inputs"]["value"] == 1 and checks["distinct_inputs"]["ok"] is False
+    antiparallel = history() | {DUPLICATE_PAIRS: [(0, 0.0)], PARALLEL_PAIRS: [(0, 2.0)]}
+    checks = {c["name"]: c for c in analyze_run(antiparallel, CONFIG)["regime"]["checks"]}
+    assert checks["distinct_inputs"]["value"] == 2
+
+
+def test_step_size_stability_is_checked_over_the_whole_run() -> None:
+    """A catapult: η·λ_max(H(k)) starts at 0.75, crosses 2 at step 80, peaks at 2.62."""
+    points = history()
+    spike = {80: 4.2, 90: 5.24, 100: 4.6}
+    points[LAMBDA_MAX] = [(k, spike.get(k, 1.5)) for k in range(0, 201, 10)]
+    result = analyze_run(points, CONFIG)
+    checks = {c["name"]: c for c in result["regime"]["checks"]}
+    assert checks["step_size_stable"]["ok"] is False
+    assert checks["step_size_stable"]["value"] == pytest.approx(2.62)
+    assert result["regime"]["in_regime"] is False
+    spec = result["spectrum"]
+    assert spec["eta_lambda_max_initial"] == pytest.approx(0.75)
+    assert (spec["edge_of_stability_step"], spec["eta_lambda_max_max_step"]) == (80, 90)
+    (flag,) = [f for f in result["flags"] if f["name"] == "edge_of_stability"]
+    assert flag["step"] == 80 and flag["value"] == pytest.approx(2.62)
+    assert "2.62" in flag["message"] and "step 80" in flag["message"]
+
+
+def test_flags_a_moved_kernel_and_a_rate_the_theory_misses() -> None:
+    assert analyze_run(history(), CONFIG)["flags"] == []
+    points = history() | {NTK_CHANGE: [(k, k / 1000) for k in range(0, 201, 10)]}
+    points[LOSS] = geometric(10.0, 0.5, 200)  # ln 0.5 per step against 2 ln 0.95: 6.8×
+    result = analyze_run(points, CONFIG)
+    flags = {f["name"]: f for f in result["flags"]}
+    assert flags["kernel_moved"]["step"] == 110 and flags["kernel_moved"]["value"] == 0.2
+    assert flags["rate_vs_theory"]["value"] == pytest.approx(math.log(0.5) / (2 * math.log(0.95)))
+    assert result["movement"]["kernel_moved_step"] == 110

@@ -159,3 +159,32 @@ def test_a_bound_agrees_with_any_steeper_slope_a_prediction_does_not() -> None:
     assert gram["slope"] == pytest.approx(-0.75) and moved["slope"] == pytest.approx(-0.75)
     assert (gram["reference_kind"], gram["consistent_with_reference"]) == ("bound", True)
     assert (moved["reference_kind"], moved["consistent_with_reference"]) == ("prediction", False)
+
+
+def test_quantities_spanning_decades_get_a_geometric_mean_and_a_median() -> None:
+    """Final losses 1e-2, 1e-16, 1e-30 over seeds: the arithmetic mean is 3.3e-3, the
+    geometric mean (what the CLI and dashboard show) 1e-16."""
+    stats = describe([1e-2, 1e-16, 1e-30])
+    assert stats["mean"] == pytest.approx(1e-2 / 3)
+    assert stats["geomean"] == pytest.approx(1e-16) and stats["median"] == 1e-16
+    assert stats["spans_decades"] is True and stats["geostd"] == pytest.approx(1e14)
+    close = describe([1.0, 2.0, 4.0])
+    assert close["geomean"] == pytest.approx(2.0) and close["spans_decades"] is False
+    assert describe([-1.0, 1.0])["geomean"] is None
+
+
+def test_groups_average_only_final_runs_and_count_the_pending_ones() -> None:
+    """A live sweep: a queued run has no analysis, a running one a partial one; neither may
+    enter a group's statistics as if it were final."""
+    finished = run_analysis(100) | {"final_loss": 1e-3, "flags": [{"name": "kernel_moved"}]}
+    partial = run_analysis(None) | {"final_loss": 5.0}
+    runs = [
+        record(1, {"width": 64, "seed": 0}, finished),
+        record(2, {"width": 64, "seed": 1}, partial, status="running"),
+        record(3, {"width": 64, "seed": 2}, {}, status="queued"),
+        record(4, {"width": 256, "seed": 0}, finished),
+    ]
+    groups = {g["params"]["width"]: g for g in analyze_sweep(runs)["groups"]}
+    assert groups[64]["pending"] == 2 and groups[64]["stats"]["final_loss"]["n"] == 1
+    assert groups[64]["stats"]["final_loss"]["mean"] == 1e-3
+    assert groups[64]["flags"] == {"kernel_moved": 1} and groups[256]["pending"] == 0

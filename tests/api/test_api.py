@@ -48,6 +48,19 @@ def test_create_sweep_expands_runs_in_one_transaction(client: TestClient) -> Non
     assert all(r["manifest"] is None for r in runs["data"])
 
 
+def test_a_dry_run_validates_and_expands_without_storing(client: TestClient) -> None:
+    planned = client.post("/api/v1/sweeps", params={"dry_run": True}, json=QUICK)
+    assert planned.status_code == 200, planned.text
+    body = planned.json()
+    assert body["name"] == "t" and body["run_count"] == 6 and len(body["runs"]) == 6
+    first = body["runs"][0]
+    assert first["overrides"] == {"width": 16, "seed": 0} and first["config"]["width"] == 16
+    assert first["config"]["data"]["n"] == 8 and first["resources"]["cpus"] >= 1
+    assert client.get("/api/v1/sweeps").json()["count"] == 0
+    bad = client.post("/api/v1/sweeps", params={"dry_run": True}, json=QUICK | {"gird": {}})
+    assert "did you mean 'grid'" in fields(assert_problem(bad, 422))["gird"]["reason"]
+
+
 def test_run_json_carries_state_summary_and_manifest(client: TestClient) -> None:
     run_id = client.post("/api/v1/sweeps", json=QUICK).json()["run_ids"][0]
     run = client.get(f"/api/v1/runs/{run_id}").json()
@@ -70,6 +83,14 @@ def test_list_filters_and_paginates(client: TestClient) -> None:
     assert [r["id"] for r in cancelled["data"]] == [first["run_ids"][0]]
     page = client.get("/api/v1/runs", params={"limit": 3, "offset": 3}).json()
     assert [r["id"] for r in page["data"]] == first["run_ids"][3:6] and page["count"] == 7
+
+
+def test_runs_filter_external_ones(client: TestClient) -> None:
+    client.post("/api/v1/sweeps", json=QUICK)
+    external = client.post("/api/v1/runs", json={"config": {"lr": 0.1}, "external": True}).json()
+    listed = client.get("/api/v1/runs", params={"external": True}).json()
+    assert [r["id"] for r in listed["data"]] == [external["id"]] and listed["data"][0]["external"]
+    assert client.get("/api/v1/runs", params={"external": False}).json()["count"] == 6
 
 
 def test_cancel_queued_then_conflict(client: TestClient) -> None:

@@ -39,8 +39,11 @@ def server(db_url: str) -> Iterator[str]:
     thread.join(10)
 
 
+WIDE = {"COLUMNS": "200"}
+
+
 def invoke(*args: str) -> str:
-    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    result = CliRunner().invoke(app, list(args), env=WIDE)
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -57,11 +60,28 @@ def test_submit_list_show_and_metrics(server: str, db_url: str) -> None:
         write_points(db_session=db, run_id=1, points=[("loss", s, 2.0**-s) for s in range(5)])
     engine.dispose()
     rows = list(csv.reader(io.StringIO(invoke("metrics", "1", "--csv", "--url", server))))
-    assert rows[0] == ["metric", "step", "value"]
-    assert [(r[0], int(r[1]), float(r[2])) for r in rows[1:]] == [
-        ("loss", s, 2.0**-s) for s in range(5)
+    assert rows[0] == ["run_id", "metric", "step", "value"]
+    assert [(int(r[0]), r[1], int(r[2]), float(r[3])) for r in rows[1:]] == [
+        (1, "loss", s, 2.0**-s) for s in range(5)
     ]
     assert "0.0625" in invoke("metrics", "1", "--url", server)
+
+
+def test_metrics_csv_has_the_columns_and_rows_of_export(
+    server: str, db_url: str, tmp_path: Path
+) -> None:
+    invoke("submit", str(EXAMPLE), "--url", server)
+    points = [("loss", 0, 1.5), ("loss", 1, float("nan")), ("ntk_lambda_min", 0, 0.125)]
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        write_points(db_session=db, run_id=2, points=points)
+    engine.dispose()
+    exported = tmp_path / "run2.csv"
+    invoke("export", "--run", "2", "-o", str(exported), "--url", server)
+    printed = list(csv.reader(io.StringIO(invoke("metrics", "2", "--csv", "--url", server))))
+    written = list(csv.reader(io.StringIO(exported.read_text())))
+    assert printed[0] == written[0] == ["run_id", "metric", "step", "value"]
+    assert sorted(printed[1:]) == sorted(written[1:]) and len(printed) == 4
 
 
 def test_errors_are_readable_and_exit_nonzero(server: str, tmp_path: Path) -> None:
@@ -74,9 +94,74 @@ def test_errors_are_readable_and_exit_nonzero(server: str, tmp_path: Path) -> No
     assert result.exit_code == 1 and "404" in result.output
 
 
+def test_a_yaml_syntax_error_is_one_line_with_file_line_and_column(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("name: x\ngrid:\n  width: [16, 32\n  seed: [0]\n")
+    result = CliRunner().invoke(app, ["submit", str(bad), "--url", "http://127.0.0.1:9"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line == f"error: {bad}:4:7: expected ',' or ']', but got ':'"
+
+
+def test_unknown_fields_get_a_did_you_mean(server: str, tmp_path: Path) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base:\n  widht: 64\ngird:\n  seed: [0]\n")
+    result = CliRunner().invoke(app, ["submit", str(typo), "--url", server], env=WIDE)
+    assert result.exit_code == 1
+    assert "base.widht = 64: unknown run config field; did you mean 'width'?" in result.output
+    assert "gird = {'seed': [0]}: unknown sweep spec field; did you mean 'grid'?" in result.output
+
+
 def test_unreachable_service_is_a_clear_error() -> None:
-    result = CliRunner().invoke(app, ["runs", "--url", "http://127.0.0.1:9"])
-    assert result.exit_code == 1 and "Unreachable" in result.output
+    result = CliRunner().invoke(app, ["runs", "--url", "http://127.0.0.1:9"], env=WIDE)
+    assert result.exit_code == 1
+    assert "no overparam service answers at http://127.0.0.1:9" in result.output
+    assert "overparam serve" in result.output and "OVERPARAM_URL" in result.output
+
+
+def test_dry_run_shows_the_runs_and_submits_nothing(server: str) -> None:
+    out = invoke("submit", str(EXAMPLE), "--dry-run", "--url", server)
+    assert "9 runs are valid; nothing was submitted" in out
+    assert "width=1024 seed=2" in out
+    assert "no sweeps" not in out and invoke("sweeps", "--url", server).count("quickstart") == 0
+
+
+def test_sweeps_cancel_and_a_run_plot(server: str, db_url: str, tmp_path: Path) -> None:
+    invoke("submit", str(EXAMPLE), "--url", server)
+    listing = invoke("sweeps", "--url", server)
+    assert "quickstart" in listing and "9 queued" in listing
+    assert "run 1: cancelled" in invoke("cancel", "1", "--url", server)
+    result = CliRunner().invoke(app, ["cancel", "1", "--url", server], env=WIDE)
+    assert result.exit_code == 1 and "409" in result.output
+    out = invoke("cancel", "--sweep", "1", "--url", server)
+    assert out.count("cancelled") == 8 and "run 1:" not in out
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        write_points(db_session=db, run_id=2, points=[("loss", s, 2.0**-s) for s in range(5)])
+    engine.dispose()
+    png = tmp_path / "run.png"
+    assert "wrote" in invoke("plot", "--run", "2", "loss", "-o", str(png), "--url", server)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    result = CliRunner().invoke(app, ["plot", "loss", "-o", str(png), "--url", server], env=WIDE)
+    assert result.exit_code == 2 and "overparam plot SWEEP KIND" in result.output
+
+
+def test_serve_says_how_to_call_the_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After bootstrap.py the script is in .venv/bin, not on the PATH: say where, and how."""
+    import shutil
+    import sys
+
+    from client.cli import invocation
+
+    script = Path(sys.executable).with_name("overparam")
+    if not script.exists():
+        pytest.skip("no overparam script next to this interpreter")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    command, hint = invocation()
+    assert Path(command).resolve() == script.resolve() and shutil.which(command) is not None
+    assert hint == f"`source {Path(command).parent / 'activate'}` puts overparam on your PATH"
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert invocation() == ("overparam", "")
 
 
 def test_cli_import_is_light() -> None:

@@ -4,13 +4,6 @@ live progress in a pseudo-terminal while a synthetic sweep's points are being wr
 from __future__ import annotations
 
 import io
-import os
-import pty
-import re
-import select
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,11 +16,9 @@ from client import watch
 from client.client import ServerEvent
 from services.migrate import upgrade
 from tests.analysis.synthetic import SPEC, Store, create_sweep, live_server, run_points
+from tests.client.terminal import CLI, Terminal
 from tests.conftest import make_settings
 from worker import metric_names
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-OVERPARAM = Path(sys.executable).with_name("overparam")
 
 
 def test_the_streamed_names_are_the_workers() -> None:
@@ -53,7 +44,7 @@ def test_events_move_the_bars() -> None:
     assert not bars.apply(ServerEvent("metrics", {"run_id": 1, "points": points}, "150"))
     text = render(progress)
     assert "run 1 width=64" in text and "150/200" in text
-    assert "7.006e-46" in text and "0.0625" in text and "running" in text
+    assert "7.01e-46" in text and "0.0625" in text and "running" in text
     assert not bars.apply(ServerEvent("status", {"run_id": 2, "status": "running"}, None))
     nan = [{"metric": "loss", "step": 3, "value": "NaN"}]
     assert not bars.apply(ServerEvent("metrics", {"run_id": 2, "points": nan}, "3"))
@@ -77,44 +68,13 @@ def service(tmp_path: Path) -> Iterator[tuple[str, TestClient, Store]]:
     store.close()
 
 
-class Terminal:
-    """A command on a pseudo-terminal; ``expect`` reads until a text shows up (ANSI removed)."""
-
-    def __init__(self, *args: str) -> None:
-        master, slave = pty.openpty()
-        env = os.environ | {"COLUMNS": "160", "LINES": "40", "TERM": "xterm-256color"}
-        self.process = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env)
-        os.close(slave)
-        self.master = master
-        self.text = ""
-
-    def expect(self, needle: str, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout  # bounds a hang; never decides a pass
-        while needle not in self.text:
-            assert time.monotonic() < deadline, f"never saw {needle!r} in:\n{self.text[-3000:]}"
-            ready, _, _ = select.select([self.master], [], [], 0.1)
-            if ready:
-                try:
-                    chunk = os.read(self.master, 65536).decode(errors="replace")
-                except OSError:  # the command exited and the terminal closed
-                    chunk = ""
-                self.text += ANSI.sub("", chunk)
-                if not chunk and self.process.poll() is not None:
-                    assert needle in self.text, f"exited without {needle!r}:\n{self.text[-3000:]}"
-
-    def close(self) -> int:
-        code = self.process.wait(timeout=30)
-        os.close(self.master)
-        return code
-
-
 def test_watch_shows_live_progress_in_a_terminal(service: tuple[str, TestClient, Store]) -> None:
     base, api, store = service
     spec = SPEC | {"grid": {"width": [64, 256], "seed": [0]}}
     sweep_id, (first, second) = create_sweep(api, spec)
     store.move(first["id"], "queued", "running")
     store.write(first["id"], run_points(64, 0, upto=60))
-    terminal = Terminal(str(OVERPARAM), "watch", str(sweep_id), "--url", base)
+    terminal = Terminal(*CLI, "watch", str(sweep_id), "--url", base)
     try:
         terminal.expect("60/200")
         terminal.expect("running")

@@ -3,7 +3,7 @@
 Started with a fresh profile and everything that talks to the network switched off; one page
 target; ``evaluate`` runs JavaScript and returns its JSON value, ``wait_for`` polls an
 expression until it is truthy (deadlines only bound how long a broken page is waited for, they
-never decide a pass), ``screenshot`` returns PNG bytes.
+never decide a pass), ``screenshot`` returns PNG bytes (of the viewport or the whole page).
 """
 
 from __future__ import annotations
@@ -111,8 +111,14 @@ class Browser:
                 )
             time.sleep(0.1)
 
-    def screenshot(self, path: Path) -> bytes:
-        data = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+    def screenshot(self, path: Path, full_page: bool = False) -> bytes:
+        """A PNG of the viewport, or of the whole page (``full_page``), also written to path."""
+        params: dict[str, Any] = {"format": "png"}
+        if full_page:
+            size = self.call("Page.getLayoutMetrics")["cssContentSize"]
+            clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
+            params |= {"clip": clip, "captureBeyondViewport": True}
+        data = base64.b64decode(self.call("Page.captureScreenshot", **params)["data"])
         path.write_bytes(data)
         return data
 

@@ -70,7 +70,42 @@ def test_unknown_fields_everywhere() -> None:
     errs = errors(spec(base={"widht": 3}, grid={"dept": [1]}, runs=[{"data.x": 1}]))
     assert set(errs) >= {"grid.dept", "runs[0].data.x"}
     errs = errors(spec(base={"widht": 3}))
-    assert "base.widht" in errs and "not permitted" in errs["base.widht"][1]
+    assert errs["base.widht"] == (3, "unknown run config field; did you mean 'width'?")
+
+
+def test_unknown_fields_get_the_closest_known_name() -> None:
+    errs = errors(
+        spec(gird={"width": [8]}, grid={"data.nn": [3]}, runs=[{"lerning_rate": 1}, {"lr": 1}])
+    )
+    assert errs["gird"][1] == "unknown sweep spec field; did you mean 'grid'?"
+    assert errs["grid.data.nn"][1] == "unknown run config field; did you mean 'data.n'?"
+    assert errs["runs[0].lerning_rate"][1] == "unknown run config field"
+    assert (
+        "did you mean 'data.labels'"
+        in errors(spec(base={"data": {"label": "sign"}}))["base.data.label"][1]
+    )
+
+
+def test_every_error_of_a_spec_is_reported_at_once() -> None:
+    """An unknown grid key, an empty grid and the run cap no longer hide base's errors."""
+    settings = SETTINGS.model_copy(update={"max_runs_per_sweep": 4})
+    errs = errors(
+        spec(
+            base={"width": -1, "data": {"n": 0}},
+            grid={"dept": [1], "seed": list(range(5))},
+            runs=[{"activation": "sigmoid"}],
+        ),
+        settings,
+    )
+    assert set(errs) == {"grid.dept", "grid", "base.width", "base.data.n", "runs[0].activation"}
+    errs = errors(spec(base={"width": -1}, grid={"lr": []}))
+    assert set(errs) == {"grid.lr", "base.width"}
+
+
+def test_a_grid_value_is_judged_in_the_runs_it_is_part_of() -> None:
+    """depth 2 is invalid for the default two_layer, but every run here is an fc net."""
+    runs = expand(spec(grid={"depth": [1, 2]}, runs=[{"arch": "fc"}]), SETTINGS)
+    assert [r.config.depth for r in runs] == [1, 2]
 
 
 def test_depth_must_be_one_for_two_layer() -> None:
