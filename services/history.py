@@ -95,32 +95,33 @@ def metric_names(*, db_session: Session, metric_ids: Sequence[int]) -> dict[int,
     return {id_: name for id_, name in rows}
 
 
-def _where(
-    run_ids: Sequence[int], metric_ids: Sequence[int] | None, start: int | None, end: int | None
-) -> list[Any]:
-    where: list[ColumnElement[bool]] = [MetricChunk.run_id.in_(run_ids)]
-    if metric_ids is not None:
-        where.append(MetricChunk.metric_id.in_(metric_ids))
-    if start is not None:
-        where.append(MetricChunk.last_step >= start)
-    if end is not None:
-        where.append(MetricChunk.first_step <= end)
-    return where
+@dataclass(frozen=True)
+class Selection:
+    """Which points a read covers: runs, metrics (None: every one), an inclusive step range."""
+
+    run_ids: Sequence[int]
+    metric_ids: Sequence[int] | None = None
+    start: int | None = None
+    end: int | None = None
+
+    def where(self) -> list[ColumnElement[bool]]:
+        """The conditions on ``metric_chunk`` of the chunks holding such points."""
+        where: list[ColumnElement[bool]] = [MetricChunk.run_id.in_(self.run_ids)]
+        if self.metric_ids is not None:
+            where.append(MetricChunk.metric_id.in_(self.metric_ids))
+        if self.start is not None:
+            where.append(MetricChunk.last_step >= self.start)
+        if self.end is not None:
+            where.append(MetricChunk.first_step <= self.end)
+        return where
 
 
 def read_page(
-    *,
-    db_session: Session,
-    run_ids: Sequence[int],
-    metric_ids: Sequence[int] | None,
-    start: int | None,
-    end: int | None,
-    after: Cursor | None,
-    limit: int,
+    *, db_session: Session, selection: Selection, after: Cursor | None, limit: int
 ) -> tuple[list[Series], Cursor | None]:
     """Up to ``limit`` points ordered by (run, metric id, step), strictly after ``after``, and
     the cursor of the next page (None: this is the last)."""
-    where = _where(run_ids, metric_ids, start, end)
+    where, start, end = selection.where(), selection.start, selection.end
     order = (MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
     parts: list[tuple[Key, Points]] = []
     left, fetch, key = limit, limit // CHUNK_POINTS + 2, after
@@ -158,13 +159,7 @@ def _named(db_session: Session, parts: list[tuple[Key, Points]]) -> list[Series]
 
 
 def iter_series(
-    *,
-    sessions: sessionmaker[Session],
-    run_ids: Sequence[int],
-    metric_ids: Sequence[int] | None,
-    start: int | None,
-    end: int | None,
-    page_size: int = 50_000,
+    *, sessions: sessionmaker[Session], selection: Selection, page_size: int = 50_000
 ) -> Iterator[Series]:
     """Every point of the runs in page order, a page per short session (no connection is held
     while the caller streams a page out)."""
@@ -172,13 +167,7 @@ def iter_series(
     while True:
         with session_scope(sessions) as db:
             series, after = read_page(
-                db_session=db,
-                run_ids=run_ids,
-                metric_ids=metric_ids,
-                start=start,
-                end=end,
-                after=after,
-                limit=page_size,
+                db_session=db, selection=selection, after=after, limit=page_size
             )
         yield from series
         if after is None:
@@ -220,11 +209,9 @@ def downsample(
     """
     if not keys:
         return {}
-    run_ids, metric_ids = sorted({r for r, _ in keys}), sorted({m for _, m in keys})
+    selection = Selection(sorted({r for r, _ in keys}), sorted({m for _, m in keys}), start, end)
     order = (MetricChunk.run_id, MetricChunk.metric_id, MetricChunk.last_step)
-    rows = db_session.execute(
-        select(*_SUMMARY).where(*_where(run_ids, metric_ids, start, end)).order_by(*order)
-    ).all()
+    rows = db_session.execute(select(*_SUMMARY).where(*selection.where()).order_by(*order)).all()
     chunks: dict[Key, list[Any]] = {}
     for row in rows:
         chunks.setdefault((row.run_id, row.metric_id), []).append(row)
@@ -317,20 +304,18 @@ def _arrays(
 def read_downsampled(
     *,
     db_session: Session,
-    run_ids: Sequence[int],
-    metric_ids: Sequence[int] | None,
-    start: int | None,
-    end: int | None,
+    selection: Selection,
     max_points: int,
     after: Cursor | None = None,
     limit: int | None = None,
 ) -> tuple[list[Series], Cursor | None]:
-    """The runs' histories (of ``metric_ids``, or all), each downsampled to ``max_points``,
-    in (run, metric id) order after the series of ``after``; a page holds whole series, at
-    most ``limit // max_points`` of them, and the cursor tells where the next page starts."""
+    """The selected histories, each downsampled to ``max_points``, in (run, metric id) order
+    after the series of ``after``; a page holds whole series, at most ``limit // max_points``
+    of them, and the cursor tells where the next page starts."""
+    metric_ids = selection.metric_ids
     keys = [
         (run_id, mid)
-        for run_id, metrics in series_of(db_session=db_session, run_ids=run_ids).items()
+        for run_id, metrics in series_of(db_session=db_session, run_ids=selection.run_ids).items()
         for mid in metrics.values()
         if metric_ids is None or mid in metric_ids
     ]
@@ -338,7 +323,11 @@ def read_downsampled(
     per_page = len(keys) if limit is None else max(1, limit // max_points)
     page, more = keys[:per_page], len(keys) > per_page
     found = downsample(
-        db_session=db_session, keys=page, start=start, end=end, max_points=max_points
+        db_session=db_session,
+        keys=page,
+        start=selection.start,
+        end=selection.end,
+        max_points=max_points,
     )
     series = _named(db_session, [(key, found[key]) for key in page if key in found])
     last = page[-1] if page else None

@@ -183,7 +183,7 @@ def test_a_worker_that_dies_is_retried_and_resumes_from_its_checkpoint(
 
     from services.db import make_engine, make_sessionmaker, session_scope
     from services.dispatcher import Dispatcher, Launch
-    from services.history import read_page, resolve
+    from services.history import Selection, read_page, resolve
     from services.models import Run
     from services.sweeps import SweepSpec, create_sweep
     from worker.events import MetricBatch
@@ -247,13 +247,7 @@ def test_a_worker_that_dies_is_retried_and_resumes_from_its_checkpoint(
         assert (run.status, run.attempt, run.error) == ("succeeded", 2, None)
         loss_id = resolve(db_session=db, run_ids=[run_id], names=["loss"], what="run")
         (loss,), _ = read_page(
-            db_session=db,
-            run_ids=[run_id],
-            metric_ids=loss_id,
-            start=None,
-            end=None,
-            after=None,
-            limit=10_000,
+            db_session=db, selection=Selection([run_id], loss_id), after=None, limit=10_000
         )
         assert loss.points.steps.tolist() == list(range(301))
     engine.dispose()

@@ -123,13 +123,8 @@ def export_response(
     format: ExportFormat,
     filename: str,
 ) -> Response:
-    series = history.iter_series(
-        sessions=request.app.state.sessions,
-        run_ids=run_ids,
-        metric_ids=metric_ids,
-        start=start,
-        end=end,
-    )
+    selection = history.Selection(run_ids, metric_ids, start, end)
+    series = history.iter_series(sessions=request.app.state.sessions, selection=selection)
     if format == "csv":
         headers = {"Content-Disposition": f'attachment; filename="{filename}.csv"'}
         return StreamingResponse(csv_chunks(series), media_type="text/csv", headers=headers)
@@ -162,31 +157,17 @@ def _page(
     """A page of the runs' points, or (``max_points``) their downsampled series."""
     check_query(name, start, end)
     metric_ids = history.resolve(db_session=db, run_ids=run_ids, names=name, what=what)
+    selection = history.Selection(run_ids, metric_ids, start, end)
     after = decode_cursor(cursor)
     if max_points is None:
-        series, next_cursor = history.read_page(
-            db_session=db,
-            run_ids=run_ids,
-            metric_ids=metric_ids,
-            start=start,
-            end=end,
-            after=after,
-            limit=limit,
-        )
-        return page_response(series, next_cursor, with_run)
-    if max_points > limit:
+        page = history.read_page(db_session=db, selection=selection, after=after, limit=limit)
+    elif max_points > limit:
         raise SpecError([FieldError("max_points", max_points, f"must be ≤ limit ({limit})")])
-    series, next_cursor = history.read_downsampled(
-        db_session=db,
-        run_ids=run_ids,
-        metric_ids=metric_ids,
-        start=start,
-        end=end,
-        max_points=max_points,
-        after=after,
-        limit=limit,
-    )
-    return page_response(series, next_cursor, with_run)
+    else:
+        page = history.read_downsampled(
+            db_session=db, selection=selection, max_points=max_points, after=after, limit=limit
+        )
+    return page_response(*page, with_run)
 
 
 @router.get("/runs/{run_id}/metric-names", response_model=MetricNames)

@@ -209,10 +209,7 @@ def test_keyset_pages_return_every_point_once_while_points_arrive(sessions) -> N
         with session_scope(sessions) as db:
             page, after = history.read_page(
                 db_session=db,
-                run_ids=runs,
-                metric_ids=None,
-                start=None,
-                end=None,
+                selection=history.Selection(runs),
                 after=after,
                 limit=rng.choice([1, 7, 500, 1500]),
             )
@@ -254,21 +251,12 @@ def test_reads_of_many_runs_and_metrics_take_a_constant_number_of_statements(
         with statements(engine) as seen, session_scope(sessions) as db:
             if read == "page":
                 history.read_page(
-                    db_session=db,
-                    run_ids=run_ids,
-                    metric_ids=None,
-                    start=None,
-                    end=None,
-                    after=None,
-                    limit=100_000,
+                    db_session=db, selection=history.Selection(run_ids), after=None, limit=100_000
                 )
             elif read == "downsampled":
                 history.read_downsampled(
                     db_session=db,
-                    run_ids=run_ids,
-                    metric_ids=None,
-                    start=None,
-                    end=None,
+                    selection=history.Selection(run_ids),
                     max_points=40,
                 )
             else:
@@ -296,10 +284,7 @@ def test_downsampling_keeps_the_ends_the_extremes_and_the_budget(sessions, max_p
         with session_scope(sessions) as db:
             found, _ = history.read_downsampled(
                 db_session=db,
-                run_ids=[run_id],
-                metric_ids=None,
-                start=start,
-                end=end,
+                selection=history.Selection([run_id], None, start, end),
                 max_points=max_points,
             )
         got = dict(found[0].pairs()) if found else {}
@@ -325,7 +310,7 @@ def test_downsampling_a_history_of_nan_only_returns_nan_points(sessions) -> None
     write(sessions, run_id, [("loss", s, NAN) for s in range(5000)])
     with session_scope(sessions) as db:
         (series,), _ = history.read_downsampled(
-            db_session=db, run_ids=[run_id], metric_ids=None, start=None, end=None, max_points=20
+            db_session=db, selection=history.Selection([run_id], None, None, None), max_points=20
         )
     assert 2 <= len(series.points) <= 20 and np.isnan(series.points.values).all()
     assert series.points.steps[0] == 0 and series.points.steps[-1] == 4999
