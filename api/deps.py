@@ -3,18 +3,20 @@
 ``SessionDep`` is the one database session of a request. Its scope is the route function's
 (``scope="function"``): the transaction commits, or rolls back, when the route returns and
 before the response is sent, so no answer ever precedes its commit (FastAPI's default would
-commit after the response).
+commit after the response). The commit runs on threads of its own (``app.state.commits``), not
+on the request threads: a request that holds SQLite's write lock can always commit, even while
+every request thread waits for that lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+from anyio import CancelScope, to_thread
 from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
-from services.db import session_scope
 from services.settings import Settings
 
 MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL
@@ -24,9 +26,25 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with session_scope(request.app.state.sessions) as session:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    session = request.app.state.sessions()
+    try:
         yield session
+    except BaseException:
+        with CancelScope(shield=True):  # a client that went away must not leave it open
+            await to_thread.run_sync(_end, session, False, limiter=request.app.state.commits)
+        raise
+    await to_thread.run_sync(_end, session, True, limiter=request.app.state.commits)
+
+
+def _end(session: Session, commit: bool) -> None:
+    try:
+        if commit:
+            session.commit()
+        else:
+            session.rollback()
+    finally:
+        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

@@ -7,8 +7,11 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, FastAPI
+from pydantic import BaseModel
 
 from api import problems
 from api.limits import BodySizeLimit
@@ -24,6 +27,7 @@ from api.routes import (
     sweeps,
 )
 from services.db import make_engine, make_sessionmaker
+from services.external_runs import MetricBatchIn
 from services.manifest import package_version
 from services.settings import Settings, get_settings
 from services.streams import Hub
@@ -34,8 +38,16 @@ log = logging.getLogger(__name__)
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    engine = make_engine(settings.database_url)
+    engine = make_engine(
+        settings.database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+    )
     app.state.sessions = make_sessionmaker(engine)
+    # Threads: request threads (anyio's default limiter) and commit threads apart (api/deps.py);
+    # the pool has a connection for each of them and for streams and the dispatcher.
+    to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    app.state.commits = CapacityLimiter(settings.commit_threads)
     app.state.hub = Hub(app.state.sessions, settings.stream_poll_s)
     app.state.dispatcher = None
     stop = asyncio.Event()
@@ -86,4 +98,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dashboard.router)
     dashboard.mount_static(app)
+    document_bodies(app, MetricBatchIn)
     return app
+
+
+def document_bodies(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Put ``models`` — request bodies that routes validate themselves from the raw bytes (and
+    reference in ``openapi_extra``) — into the OpenAPI document's components."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components |= body.pop("$defs", {}) | {model.__name__: body}
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]

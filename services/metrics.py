@@ -115,32 +115,36 @@ _UPDATE = (
 )
 
 
+_NEEDED = or_(MetricChunk.last_step >= bindparam("first"), MetricChunk.count < SMALL_CHUNK)
+# Built once: constructing the statement per batch cost as much as running it.
+_STORED = (
+    select(
+        MetricChunk.metric_id,
+        MetricChunk.first_step,
+        MetricChunk.last_step,
+        MetricChunk.count,
+        case((_NEEDED, MetricChunk.step_array)),
+        case((_NEEDED, MetricChunk.value_array)),
+    )
+    .where(
+        MetricChunk.run_id == bindparam("run"),
+        MetricChunk.metric_id.in_(bindparam("mids", expanding=True)),
+        MetricChunk.last_step >= bindparam("first") - TAIL_WINDOW,
+        MetricChunk.first_step <= bindparam("last"),
+    )
+    .order_by(MetricChunk.metric_id, MetricChunk.last_step)
+)
+
+
 def _stored_chunks(
     db_session: Session, run_id: int, mids: list[int], first: int, last: int
 ) -> dict[int, list[StoredChunk]]:
     """The stored chunks :func:`services.chunks.plan_write` needs, by metric, in step order:
     those reaching into [first - TAIL_WINDOW, last], with their points when they overlap
     [first, last] or are small."""
-    needed = or_(MetricChunk.last_step >= first, MetricChunk.count < SMALL_CHUNK)
-    rows = db_session.execute(
-        select(
-            MetricChunk.metric_id,
-            MetricChunk.first_step,
-            MetricChunk.last_step,
-            MetricChunk.count,
-            case((needed, MetricChunk.step_array)),
-            case((needed, MetricChunk.value_array)),
-        )
-        .where(
-            MetricChunk.run_id == run_id,
-            MetricChunk.metric_id.in_(mids),
-            MetricChunk.last_step >= first - TAIL_WINDOW,
-            MetricChunk.first_step <= last,
-        )
-        .order_by(MetricChunk.metric_id, MetricChunk.last_step)
-    )
+    params = {"run": run_id, "mids": mids, "first": first, "last": last}
     out: dict[int, list[StoredChunk]] = {}
-    for mid, lo, hi, count, steps, values in rows:
+    for mid, lo, hi, count, steps, values in db_session.connection().execute(_STORED, params):
         points = None if steps is None else Points.decode(steps, values)
         out.setdefault(mid, []).append(StoredChunk(lo, hi, count, points))
     return out

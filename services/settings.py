@@ -38,6 +38,14 @@ class Settings(BaseSettings):
         3, ge=1, description="tries per run when its worker or node dies (resumes from checkpoint)"
     )
 
+    # Threads and connections of one API process (docs/deploy.md: the connection budget).
+    api_threads: int = Field(40, gt=0, description="threads serving requests")
+    commit_threads: int = Field(4, gt=0, description="threads that commit requests' sessions")
+    db_pool_size: int = Field(20, gt=0, description="database connections kept open")
+    db_max_overflow: int = Field(
+        40, ge=0, description="connections opened beyond the pool under load (then closed)"
+    )
+
     max_width: int = Field(65_536, gt=0)
     max_depth: int = Field(64, gt=0)
     max_n: int = Field(8_192, gt=0)

@@ -14,8 +14,11 @@ from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import RunId, SessionDep, SettingsDep, SweepId
 from api.problems import problem
@@ -27,6 +30,7 @@ from services.exports import ParquetUnavailable, csv_chunks, parquet_file
 from services.external_runs import MetricBatchIn, log_batch
 from services.metrics import MAX_STEP, NAME_PATTERN
 from services.numbers import point_objects
+from services.settings import Settings
 
 router = APIRouter(tags=["metrics"])
 
@@ -197,12 +201,23 @@ def read(
     return _page(db, [run_id], what, name, start, end, cursor, limit, max_points, False)
 
 
+BATCH_BODY = {
+    "requestBody": {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/MetricBatchIn"}}},
+        "required": True,
+    }
+}
+
+
 @router.post(
     "/runs/{run_id}/metrics",
     response_model=BatchStored,
     responses={404: {}, 409: {}, 413: {}, 422: {}},
+    openapi_extra=BATCH_BODY,
 )
-def log(run_id: RunId, batch: MetricBatchIn, db: SessionDep, settings: SettingsDep) -> BatchStored:
+async def log(
+    run_id: RunId, request: Request, db: SessionDep, settings: SettingsDep
+) -> BatchStored:
     """Log a batch of an external run (many metrics and steps); re-sent points are ignored.
 
     Body: ``{"series": [{"metric": "loss", "steps": [3, 4], "values": [0.25, 0.2]}, …]}`` (the
@@ -210,8 +225,18 @@ def log(run_id: RunId, batch: MetricBatchIn, db: SessionDep, settings: SettingsD
     non-finite value is "NaN", "Infinity" or "-Infinity". Answers, once the batch is committed,
     how many points were received and how many were new.
     """
-    series = batch.as_series(settings)
-    stored = log_batch(db_session=db, run_id=run_id, series=series)
+    body = await request.body()
+    return await run_in_threadpool(_log, db, settings, run_id, body)
+
+
+def _log(db: Session, settings: Settings, run_id: int, body: bytes) -> BatchStored:
+    """Validate the JSON body in one pass (pydantic-core parses it: no dict per point is built
+    twice) and store it."""
+    try:
+        batch = MetricBatchIn.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
+    stored = log_batch(db_session=db, run_id=run_id, series=batch.as_series(settings))
     return BatchStored(received=batch.size(), stored=stored)
 
 
