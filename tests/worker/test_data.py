@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from worker.config import DIGITS_CLASS_COUNTS, DataConfig, RunConfig
-from worker.data import find_parallel_inputs, make_dataset
+from worker.data import make_dataset
+from worker.separation import separation
 
 
 def test_sphere_inputs_have_unit_norm_and_the_seed_fixes_the_draw() -> None:
@@ -48,7 +49,7 @@ def test_digits_pairs_regress_on_signs_and_all_classes_classify() -> None:
     every = make_dataset(RunConfig(loss="cross_entropy", data=DataConfig(kind="digits", n=1797)))
     assert every.label_kind == "classes"
     assert sorted(set(every.y.long().tolist())) == list(range(10))
-    assert every.duplicates.parallel_pairs >= 0
+    assert every.separation.parallel_pairs >= 0
 
 
 def test_label_noise_replaces_the_requested_fraction() -> None:
@@ -87,9 +88,9 @@ def test_uploaded_arrays_are_checked_normalized_and_typed() -> None:
 
 def test_parallel_and_duplicate_inputs_are_reported() -> None:
     X = torch.tensor([[1.0, 0.0], [2.0, 0.0], [-1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    report = find_parallel_inputs(X)
+    report = separation(X.numpy())
     assert report.duplicate_pairs == 1  # rows 0 and 1
     assert report.parallel_pairs == 3  # and row 2 against both
     assert report.max_abs_cosine == pytest.approx(1.0)
-    clean = make_dataset(RunConfig(data=DataConfig(n=50, d=10))).duplicates
+    clean = make_dataset(RunConfig(data=DataConfig(n=50, d=10))).separation
     assert clean.parallel_pairs == 0 and clean.max_abs_cosine < 1
