@@ -53,6 +53,7 @@ LOSS_FLOOR = 1e-12  # relative to L(0): below it float rounding, not GD, sets th
 DEFAULT_RELATIVE_THRESHOLD = 1e-3  # steps to reach 10⁻³ · L(0) when the config sets none
 ANALYSIS_MAX_POINTS = 20_000  # per metric read for an analysis (exact below this many steps)
 SMOOTH_ACTIVATIONS = frozenset({"softplus", "tanh", "gelu"})
+ODD_ACTIVATIONS = frozenset({"tanh"})  # f(−x) = −f(x): antiparallel inputs give λ₀ = 0
 
 Points = Sequence[tuple[int, float | None]]  # (step, value), step order; None is NaN
 
@@ -311,10 +312,14 @@ def regime(
                 "λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 for all k",
             )
         )
-    pairs = [_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS)]
-    if any(p is not None for p in pairs):
-        count = sum(p or 0 for p in pairs)
-        checks.append(_check("distinct_inputs", count == 0, count, "no parallel inputs (λ₀ > 0)"))
+    duplicates, parallel = (_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS))
+    if duplicates is not None or parallel is not None:
+        # duplicates make every kernel singular; antiparallel pairs only an odd σ's (tanh:
+        # f(−x) = −f(x)), not ReLU's, softplus's or gelu's (H^∞_ij = 0 at cos = −1 for ReLU)
+        antiparallel = (parallel or 0) - (duplicates or 0)
+        count = (duplicates or 0) + (antiparallel if activation in ODD_ACTIVATIONS else 0)
+        need = "no duplicate inputs, nor antiparallel ones for an odd σ (else λ₀ = 0)"
+        checks.append(_check("distinct_inputs", count == 0, count, need))
     if "loss" in config or "optimizer" in config:
         case = f"{config.get('loss', 'mse')}/{config.get('optimizer', 'gd')}"
         checks.append(_check("objective", case == "mse/gd", case, "full-batch GD on ½‖u − y‖²"))

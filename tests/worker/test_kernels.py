@@ -96,36 +96,57 @@ def test_conv_resnet_has_no_closed_form() -> None:
     assert infinite_width_kernels(cfg, make_dataset(cfg).X) is None
 
 
-def _finite_width_errors(cfg: RunConfig, seeds: int) -> tuple[float, float | None]:
-    """Mean relative errors of G⁽ᴴ⁾ and of the NTK against their limits, over seeds."""
+def _finite_width_errors(cfg: RunConfig, seeds: int) -> tuple[float | None, float | None]:
+    """Mean relative errors of G⁽ᴴ⁾ and of the NTK against their limits, over seeds (None
+    where the limit is not derived or the layer is not trained)."""
     last, full = [], []
     for seed in range(seeds):
         run = cfg.model_copy(update={"seed": seed})
         X = make_dataset(run).X
-        grams = layer_grams(build_network(run).forward_layers(X))
+        net = build_network(run)
+        grams = layer_grams(net.forward_layers(X))
         kernels = infinite_width_kernels(run, X)
         assert kernels is not None
-        G = grams[run.depth - 1]
-        last.append(float((G - kernels.last_hidden).norm() / kernels.last_hidden.norm()))
+        if kernels.last_hidden is not None:
+            G = grams[net.layer_names.index(f"layer{run.depth}")]
+            last.append(float((G - kernels.last_hidden).norm() / kernels.last_hidden.norm()))
         if kernels.ntk is not None:
             H = sum(grams)
             full.append(float((H - kernels.ntk).norm() / kernels.ntk.norm()))
-    return float(np.mean(last)), float(np.mean(full)) if full else None
+    return (float(np.mean(last)) if last else None), (float(np.mean(full)) if full else None)
 
 
-WIDE = [
-    ("two_layer", 1, "relu", 64, 16384),
-    ("two_layer", 1, "tanh", 64, 16384),
-    ("fc", 2, "relu", 32, 2048),
-    ("fc", 3, "softplus", 32, 1024),
-    ("resnet", 3, "relu", 32, 2048),
-    ("resnet", 2, "gelu", 32, 2048),
+DIGITS_RAW = {"kind": "digits", "n": 10, "classes": [3, 8], "normalize": False}
+ALLEN_ZHU = {"train_layers": "hidden", "parametrization": "standard"}
+WIDE = [  # arch, depth, activation, narrow and wide widths, config, bound on the wide error
+    ("two_layer", 1, "relu", 64, 16384, {}, 0.1),
+    ("two_layer", 1, "tanh", 64, 16384, {}, 0.1),
+    ("fc", 2, "relu", 32, 2048, {}, 0.1),
+    ("fc", 3, "softplus", 32, 1024, {}, 0.1),
+    ("resnet", 3, "relu", 32, 2048, {}, 0.1),
+    ("resnet", 2, "gelu", 32, 2048, {}, 0.1),
+    # issue 15: unnormalized digits and a large init scale in the deep nets. At ‖x‖² ≈ 3600 tanh
+    # saturates: σ'(w_rᵀx) ≠ 0 for ~2% of the first layer's neurons, so that layer's share of
+    # the NTK converges like (0.02·m)^-½ (26% at m = 4096, where G⁽ᴴ⁾ is within 4%)
+    ("fc", 2, "tanh", 64, 4096, {"data": DIGITS_RAW}, 0.3),
+    ("resnet", 3, "softplus", 32, 2048, {"data": DIGITS_RAW}, 0.1),
+    ("fc", 2, "gelu", 32, 2048, {"init_scale": 2.0}, 0.1),
+    # some layers trained: Allen-Zhu et al.'s setting (its NTK grows like m/2; without the
+    # output layer's share the hidden layers' fluctuations show), and the last layer alone
+    ("fc", 3, "relu", 128, 2048, ALLEN_ZHU, 0.15),
+    ("fc", 2, "tanh", 32, 2048, {"train_layers": "last"}, 0.1),
 ]
 
 
-@pytest.mark.parametrize(("arch", "depth", "activation", "narrow", "wide"), WIDE)
+@pytest.mark.parametrize(("arch", "depth", "activation", "narrow", "wide", "extra", "bound"), WIDE)
 def test_wide_networks_approach_the_infinite_width_kernels(
-    arch: str, depth: int, activation: str, narrow: int, wide: int
+    arch: str,
+    depth: int,
+    activation: str,
+    narrow: int,
+    wide: int,
+    extra: dict[str, object],
+    bound: float,
 ) -> None:
     """The error shrinks like m^-½: by ~√(wide/narrow); we ask for half of that."""
     base = RunConfig.model_validate(
@@ -136,14 +157,15 @@ def test_wide_networks_approach_the_infinite_width_kernels(
             "c_res": 0.5,
             "data": {"n": 10, "d": 5},
         }
+        | extra
     )
     small = _finite_width_errors(base.model_copy(update={"width": narrow}), seeds=4)
     large = _finite_width_errors(base.model_copy(update={"width": wide}), seeds=4)
     shrink = 0.5 * math.sqrt(wide / narrow)
-    assert large[0] < small[0] / shrink, (small, large)
-    if small[1] is not None and large[1] is not None:
-        assert large[1] < small[1] / shrink, (small, large)
-    assert large[0] < 0.1
+    for before, after in zip(small, large, strict=True):
+        if before is not None and after is not None:
+            assert after < before / shrink, (small, large)
+    assert all(error is None or error < bound for error in large), large
 
 
 # --- any scale: ‖x‖² from 1e-2 to 1e4 and τ from 0.1 to 4 (issue 15) ---------------------------
@@ -298,3 +320,36 @@ def test_unnormalized_digits_kernel_agrees_with_a_wide_network(activation: str) 
     z, lambda_min, lambda0 = _two_layer_finite_width_z_scores(activation, 65536)
     assert float(z.max()) < 5.0 and float(z.square().mean().sqrt()) < 1.5, z
     assert lambda0 == pytest.approx(lambda_min, rel=0.05), (lambda0, lambda_min)
+
+
+@pytest.mark.parametrize("arch", ["two_layer", "fc"])
+@pytest.mark.parametrize("activation", ["relu", "softplus", "gelu", "tanh"])
+def test_antiparallel_inputs_make_lambda0_zero_only_for_odd_activations(
+    arch: str, activation: str
+) -> None:
+    """x and −x: for ReLU H^∞_ij = x_iᵀx_j(π − arccos x_iᵀx_j)/(2π) = 0, a positive definite
+    block (Du et al.'s "no two parallel inputs" is sufficient, not necessary); softplus and gelu
+    alike. For tanh f(−x) = −f(x), so the two gradients are opposite and λ₀ = 0 at every width:
+    the kernel's and a finite network's Gram are both singular."""
+    cfg = RunConfig.model_validate(
+        {
+            "arch": arch,
+            "depth": 1 if arch == "two_layer" else 2,
+            "activation": activation,
+            "width": 64,
+            "data": {"n": 8, "d": 5},
+        }
+    )
+    X = make_dataset(cfg).X.clone()
+    X[5] = -X[2]
+    kernels = infinite_width_kernels(cfg, X)
+    assert kernels is not None and kernels.last_hidden is not None
+    eigenvalues = torch.linalg.eigvalsh(kernels.last_hidden)
+    empirical = torch.linalg.eigvalsh(
+        torch.stack(layer_grams(build_network(cfg).forward_layers(X))).sum(0)
+    )
+    relative, finite = float(eigenvalues[0] / eigenvalues[-1]), float(empirical[0] / empirical[-1])
+    if activation == "tanh":
+        assert abs(relative) < 1e-12 and abs(finite) < 1e-12
+    else:
+        assert relative > 1e-3 and finite > 1e-4
