@@ -244,13 +244,13 @@ def test_the_error_estimate_bounds_the_error_of_a_coarse_rule(
     activation: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With a deliberately coarse rule (6 points, checked against 4) the estimate is large enough
-    to cover the true error; with the shipped rule both are at rounding level."""
+    to cover the true error; with the shipped rule (12 points, checked against 8) it is tiny."""
     X = _inputs(1.0)
     cov = X @ X.T
     f, _ = gaussian_reference.FUNCTIONS[activation]
     expected = gaussian_reference.expectation(f, f, 1.0, 1.0, float(cov[0, 1]))
     fine = gaussian_moments(activation, cov)  # type: ignore[arg-type]
-    assert fine.error < 1e-12
+    assert fine.error < 1e-9  # the 8-point check rule's own error: an overestimate
     monkeypatch.setattr(worker.kernels, "RULE_NODES", 6)
     monkeypatch.setattr(worker.kernels, "CHECK_NODES", 4)
     coarse = gaussian_moments(activation, cov)  # type: ignore[arg-type]
