@@ -124,9 +124,9 @@ def _gelu_prime_gelu_prime(p: _Pair) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Smoothing:
-    """σ = E[h(· + √ν ε)]: the law of ν (variances, weights) and the closed forms of σσ, σ'σ'.
+    """σ = E[h(· + √ν ε)]: the law of ν and the closed forms of E[σσ] and E[σ'σ'] given ν₁, ν₂.
 
-    ``variances`` None: ν is K² times ``logistic_scale`` with K Kolmogorov–Smirnov (Gauss rule);
+    ``variance`` None: ν is K² times ``logistic_scale`` with K Kolmogorov–Smirnov (Gauss rule);
     otherwise the fixed ν (weight 1). ``mean(a, ν)`` is E[σ(u)] at variance a for one ν.
     """
 

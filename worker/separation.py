@@ -3,11 +3,13 @@
 One implementation for the run's step-0 report (:mod:`worker.data`) and the dataset upload's
 pre-flight report (``services.datasets``), so both use the same threshold and the same numbers.
 
-- Parallel pairs (Du et al. ICLR 2019, Assumption 3.1: no two inputs parallel): |cos∠(x_i, x_j)|
-  ≥ 1 − ``PARALLEL_TOLERANCE``. Identical directions make λ₀ = 0 for every network here;
-  antiparallel ones only for odd activations (tanh: f(−x) = −f(x), so ∂f(−x)/∂θ = −∂f(x)/∂θ).
-  For ReLU, softplus and gelu they are harmless: the two-layer ReLU kernel gives
-  H^∞_ij = x_iᵀx_j (π − arccos x_iᵀx_j)/(2π) = 0 at cos = −1, a positive definite 2×2 block.
+- Parallel pairs (Du et al. ICLR 2019, Assumption 3.1: no two inputs parallel, a sufficient
+  condition): |cos∠(x_i, x_j)| ≥ 1 − ``PARALLEL_TOLERANCE``. Duplicate inputs make λ₀ = 0 for
+  every network (and x, αx with α > 0 for ReLU's positively homogeneous ones; with unit inputs
+  these are duplicates); antiparallel ones only for odd activations (tanh: f(−x) = −f(x), so
+  ∂f(−x)/∂θ = −∂f(x)/∂θ). For ReLU, softplus and gelu they are harmless: the two-layer ReLU
+  kernel gives H^∞_ij = x_iᵀx_j (π − arccos x_iᵀx_j)/(2π) = 0 at cos = −1, a positive
+  definite 2×2 block.
 - Minimum separation (Allen-Zhu, Li & Song ICML 2019, Assumption 2.1): δ = min_{i≠j} ‖x̂_i − x̂_j‖
   over the unit-normalized inputs x̂ = x/‖x‖. √(2 − 2 max|cos|) is only a lower bound of it.
 
