@@ -403,14 +403,23 @@ class RunConfig(Strict):
             return (*hidden, OUTPUT_LAYER)
         return hidden[1:] if self.train_layers == "hidden" else (OUTPUT_LAYER,)
 
+    def _layer_sizes(self) -> dict[str, int]:
+        """Weights per layer of the network, trained or fixed (two_layer's a is the fixed ±1)."""
+        m, c, h = self.width, self.num_outputs, self.depth
+        if self.arch == "conv_resnet":
+            q, p = self.patch_size, self.data.positions
+            first, hidden, out = m * q * self.data.channels, m * q * m, m * p * c
+        else:
+            first, hidden, out = m * self.data.d, m * m, m * c
+        return (
+            {"layer1": first} | {f"layer{k}": hidden for k in range(2, h + 1)} | {OUTPUT_LAYER: out}
+        )
+
     def parameter_count(self) -> int:
         """Trained parameters P: the sizes of the ``trained_layers``."""
-        m, c = self.width, self.num_outputs
-        if self.arch == "conv_resnet":
-            q, p, first = self.patch_size, self.data.positions, self.data.channels
-            sizes = {"layer1": m * q * first, OUTPUT_LAYER: m * p * c}
-            hidden = m * q * m
-        else:
-            sizes = {"layer1": m * self.data.d, OUTPUT_LAYER: m * c}
-            hidden = m * m
-        return sum(sizes.get(name, hidden) for name in self.trained_layers)
+        sizes = self._layer_sizes()
+        return sum(sizes[name] for name in self.trained_layers)
+
+    def weight_count(self) -> int:
+        """Every weight the network holds, trained or fixed (what memory and the caps see)."""
+        return sum(self._layer_sizes().values())

@@ -97,6 +97,9 @@ def test_parameter_cap() -> None:
     settings = SETTINGS.model_copy(update={"max_parameters": 10_000})
     errs = errors(spec(base={"arch": "fc", "depth": 3, "width": 100}), settings)
     assert "parameters" in errs["base.width"][1]
+    # fixed layers are held in memory too: training only the output layer does not dodge it
+    last = spec(base={"arch": "fc", "depth": 3, "width": 100, "train_layers": "last"})
+    assert "parameters" in errors(last, settings)["base.width"][1]
 
 
 def test_empty_grid_values_are_rejected() -> None:

@@ -104,6 +104,10 @@ def test_parameter_count_is_the_number_of_trained_weights(payload: dict[str, Any
     assert cfg.parameter_count() == sum(w.numel() for w in net.trained_weights())
     assert cfg.parameter_count() == sum(p.numel() for p in trainable)
     assert len(net.layer_names) == len(cfg.trained_layers) == len(trainable)
+    held = sum(p.numel() for p in net.parameters()) + (
+        net.a.numel() if cfg.arch == "two_layer" else 0
+    )
+    assert cfg.weight_count() == held
 
 
 def test_old_configs_keep_their_meaning() -> None:
