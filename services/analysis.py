@@ -61,6 +61,7 @@ SMOOTH_ACTIVATIONS = frozenset({"softplus", "tanh", "gelu"})
 STABILITY_LIMIT = 2.0  # GD on the linearized model converges iff η·λ_max(H) < 2
 KERNEL_MOVED = 0.1  # max_k ‖H(k) − H(0)‖_F / ‖H(0)‖_F past this: the kernel did not stay put
 RATE_DISAGREEMENT = 2.0  # fitted / theory rate outside [1/this, this] is flagged
+ODD_ACTIVATIONS = frozenset({"tanh"})  # f(−x) = −f(x): antiparallel inputs give λ₀ = 0
 
 Points = Sequence[tuple[int, float | None]]  # (step, value), step order; None is NaN
 
@@ -361,11 +362,14 @@ def regime(
                 "λ_min(G⁽ᴴ⁾(k)) ≥ λ₀/2 for all k",
             )
         )
-    # every duplicate pair is also a parallel pair: count the parallel ones, each once
     duplicates, parallel = (_first(points.get(name)) for name in (DUPLICATE_PAIRS, PARALLEL_PAIRS))
-    count = parallel if parallel is not None else duplicates
-    if count is not None:
-        checks.append(_check("distinct_inputs", count == 0, count, "no parallel inputs (λ₀ > 0)"))
+    if duplicates is not None or parallel is not None:
+        # duplicates make every kernel singular; antiparallel pairs only an odd σ's (tanh:
+        # f(−x) = −f(x)), not ReLU's, softplus's or gelu's (H^∞_ij = 0 at cos = −1 for ReLU)
+        antiparallel = (parallel or 0) - (duplicates or 0)
+        count = (duplicates or 0) + (antiparallel if activation in ODD_ACTIVATIONS else 0)
+        need = "no duplicate inputs, nor antiparallel ones for an odd σ (else λ₀ = 0)"
+        checks.append(_check("distinct_inputs", count == 0, count, need))
     if "loss" in config or "optimizer" in config:
         case = f"{config.get('loss', 'mse')}/{config.get('optimizer', 'gd')}"
         checks.append(_check("objective", case == "mse/gd", case, "full-batch GD on ½‖u − y‖²"))

@@ -7,9 +7,11 @@ matched to the dataset it trained on. Runs refer to one with ``config.data = {"k
 "dataset", "dataset_id": <id>}``; a dataset that a queued or running run refers to cannot be
 deleted.
 
-The convergence theory assumes no two inputs are parallel (Du et al. 2019, Assumption 3.1 /
-Allen-Zhu et al. 2019, δ-separation): near-parallel rows make the Gram matrix's least
-eigenvalue tiny, so every upload reports them (rows whose |cos| ≥ ``NEAR_PARALLEL_COS``).
+The convergence theory assumes no two inputs are parallel (Du et al. 2019, Assumption 3.1) and
+δ-separated inputs (Allen-Zhu et al. 2019): duplicate rows make the Gram matrix singular (and
+antiparallel ones for odd activations), so every upload reports rows whose |cos| ≥
+``NEAR_PARALLEL_COS`` and δ = min ‖x̂_i − x̂_j‖ over the unit-normalized rows, with the worker's
+threshold and arithmetic (:mod:`worker.separation`), so the upload and its runs agree.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from sqlalchemy.orm import Session
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.models import Dataset, Run
 from services.settings import Settings
+from worker.separation import PARALLEL_TOLERANCE, cosine_blocks, separation, unit_rows
 
-NEAR_PARALLEL_COS = 1 - 1e-6  # |cos| at or above: an angle under ~0.08°
+NEAR_PARALLEL_COS = 1 - PARALLEL_TOLERANCE  # |cos| at or above: an angle under ~0.08°
 REPORTED_PAIRS = 10
 ACTIVE_STATUSES = ("queued", "running")
 
@@ -163,21 +166,19 @@ def validate(X: np.ndarray, y: np.ndarray, settings: Settings) -> Arrays:
 
 
 def near_parallel_report(X: np.ndarray, block: int = 1024) -> dict[str, Any]:
-    """Pairs of rows i < j with |cos(x_i, x_j)| ≥ NEAR_PARALLEL_COS, and zero rows.
+    """Pairs of rows i < j with |cos(x_i, x_j)| ≥ NEAR_PARALLEL_COS, zero rows, and δ.
 
-    Blockwise normalized Gram products: O(n² d) time, O(block · n) memory.
+    Blockwise normalized Gram products: O(n² d) time, O(block · n) memory. |cos| is clamped
+    to 1 (rounding can exceed it).
     """
     norms = np.linalg.norm(X, axis=1)
     zero = np.flatnonzero(norms == 0)
-    unit = X / np.where(norms == 0, 1.0, norms)[:, None]
-    unit[zero] = 0.0
+    unit = unit_rows(X)
     count = 0
     examples: list[list[float]] = []
     best, best_pair = 0.0, None
-    for start in range(0, len(unit), block):
-        cos = np.abs(unit[start : start + block] @ unit.T)
-        rows = np.arange(start, start + len(cos))[:, None]
-        cos[np.arange(len(unit))[None, :] <= rows] = 0.0  # upper triangle only
+    for start, block_cos in cosine_blocks(unit, block):
+        cos = np.minimum(np.nan_to_num(np.abs(block_cos)), 1.0)  # pairs j ≤ i: 0
         hits = np.argwhere(cos >= NEAR_PARALLEL_COS)
         count += len(hits)
         for i, j in hits[: REPORTED_PAIRS - len(examples)]:
@@ -186,12 +187,15 @@ def near_parallel_report(X: np.ndarray, block: int = 1024) -> dict[str, Any]:
         if cos.size and cos.flat[flat] > best:
             i, j = divmod(flat, cos.shape[1])
             best, best_pair = float(cos[i, j]), [int(start + i), int(j)]
+    geometry = separation(X, block)
     return {
         "near_parallel_pairs": count,
         "near_parallel_examples": examples,
         "threshold_abs_cos": NEAR_PARALLEL_COS,
         "max_abs_cos": best,
         "max_abs_cos_pair": best_pair,
+        "min_separation": None if geometry.closest is None else geometry.min_separation,
+        "min_separation_pair": None if geometry.closest is None else list(geometry.closest),
         "zero_rows": [int(i) for i in zero[:REPORTED_PAIRS]],
         "zero_row_count": len(zero),
     }

@@ -58,7 +58,7 @@ def estimate_memory_bytes(cfg: RunConfig) -> int:
     """Bytes a run needs beyond the runtime itself (see the module docstring)."""
     width_bytes = 8 if cfg.dtype == "float64" else 4
     layers = cfg.depth + 1
-    params = cfg.parameter_count() * width_bytes * 4
+    params = cfg.weight_count() * width_bytes * 4
     activations = cfg.data.n * max(cfg.width, cfg.data.d) * layers * width_bytes * 3
     grams = cfg.data.n**2 * 8 * (layers + 2)
     return params + activations + grams

@@ -136,14 +136,14 @@ def _caps(cfg: RunConfig, settings: Settings) -> list[tuple[str, Any, str]]:
         for field, value, cap, env in caps
         if value > cap
     ]
-    params = cfg.parameter_count()
+    params = cfg.weight_count()  # fixed layers (train_layers) take memory too
     if params > settings.max_parameters:
         out.append(
             (
                 "width",
                 cfg.width,
-                f"gives {params} trainable parameters, over the cap {settings.max_parameters} "
-                "(raise it with OVERPARAM_MAX_PARAMETERS)",
+                f"gives {params} parameters (trained or fixed), over the cap "
+                f"{settings.max_parameters} (raise it with OVERPARAM_MAX_PARAMETERS)",
             )
         )
     return out

@@ -25,6 +25,8 @@ from pydantic import (
 )
 
 Architecture = Literal["two_layer", "fc", "resnet", "conv_resnet"]
+TrainLayers = Literal["all", "hidden", "last"]
+Parametrization = Literal["ntk", "standard"]
 Activation = Literal["relu", "softplus", "tanh", "gelu"]
 DataKind = Literal["sphere", "digits", "dataset"]
 Loss = Literal["mse", "cross_entropy"]
@@ -34,6 +36,7 @@ Optimizer = Literal["gd", "sgd"]
 # API validate ``data.n`` without importing scikit-learn.
 DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
 DIGITS_IMAGE_SHAPE = (8, 8)
+OUTPUT_LAYER = "out"  # the name of the output weights a; hidden layers are layer1 … layerH
 
 
 class Strict(BaseModel):
@@ -195,6 +198,19 @@ class RunConfig(Strict):
         1, gt=0, description="H, hidden layers; two_layer has exactly one hidden layer"
     )
     activation: Activation = "relu"
+    train_layers: TrainLayers = Field(
+        "all",
+        description="the weights GD trains (fc, resnet, conv_resnet; two_layer trains W only): "
+        "all (Du et al. ICML 2019); hidden: W⁽²⁾…W⁽ᴴ⁾, with the input layer W⁽¹⁾ and the output "
+        "a fixed at their initialization (Allen-Zhu, Li & Song ICML 2019; depth ≥ 2); last: a "
+        "only (random features)",
+    )
+    parametrization: Parametrization = Field(
+        "ntk",
+        description="ntk: weights N(0, τ²), layers scaled √(c_σ/m) (Du et al.); standard "
+        "(fc with relu): Allen-Zhu et al.'s unscaled layers x⁽ʰ⁾ = relu(W⁽ʰ⁾x⁽ʰ⁻¹⁾) with every "
+        "W⁽ʰ⁾ ~ N(0, 2τ²/m), the input layer's too, and a ~ N(0, τ²/C)",
+    )
     c_res: float = Field(
         0.25, gt=0, lt=1, description="resnet, conv_resnet: residual branches scaled c_res/(H√m)"
     )
@@ -244,6 +260,12 @@ class RunConfig(Strict):
         10, gt=0, description="K: Gram eigenvalues and relative change every K steps"
     )
     gram_per_layer: bool = Field(False, description="also report every layer's Gram G⁽ʰ⁾")
+    gram_full_outputs: bool = Field(
+        False,
+        description="with C > 1 outputs, also λ_min and λ_max of the whole nC×nC NTK (the "
+        "Gram reports the mean of its C diagonal blocks): C² times the Gram's products and an "
+        "nC×nC eigenproblem each Gram step",
+    )
     weights_every: int = Field(
         10, gt=0, description="weight distances and pattern flips every this many steps"
     )
@@ -257,7 +279,9 @@ class RunConfig(Strict):
         (), max_length=64, description="steps at which full Gram eigenvalue spectra are reported"
     )
     eig_dense_max_n: int = Field(
-        2048, gt=0, description="above this n, extreme eigenvalues come from LOBPCG, not eigvalsh"
+        2048,
+        gt=0,
+        description="above this n, extreme eigenvalues come from Lanczos (ARPACK), not eigvalsh",
     )
     dtype: Literal["float32", "float64"] = Field(
         "float64", description="training precision; Grams and eigenvalues are always float64"
@@ -275,6 +299,27 @@ class RunConfig(Strict):
         if info.data.get("arch") == "two_layer" and depth != 1:
             raise ValueError("two_layer has one hidden layer: depth must be 1")
         return depth
+
+    @field_validator("train_layers")
+    @classmethod
+    def _layers_exist(cls, layers: TrainLayers, info: ValidationInfo) -> TrainLayers:
+        arch, depth = info.data.get("arch"), info.data.get("depth")
+        if layers != "all" and arch == "two_layer":
+            raise ValueError("two_layer trains W only (Du et al. ICLR 2019): keep 'all'")
+        if layers == "hidden" and depth is not None and depth < 2:
+            raise ValueError("'hidden' trains W⁽²⁾…W⁽ᴴ⁾: it needs depth ≥ 2")
+        return layers
+
+    @field_validator("parametrization")
+    @classmethod
+    def _standard_is_allen_zhus(
+        cls, parametrization: Parametrization, info: ValidationInfo
+    ) -> Parametrization:
+        if parametrization == "standard" and (
+            info.data.get("arch") != "fc" or info.data.get("activation") != "relu"
+        ):
+            raise ValueError("the standard parametrization is Allen-Zhu et al.'s: fc with relu")
+        return parametrization
 
     @field_validator("kernel_size")
     @classmethod
@@ -348,12 +393,33 @@ class RunConfig(Strict):
         """q: positions per conv patch (k in 1-D, k² for images)."""
         return self.kernel_size**2 if self.data.image_shape else self.kernel_size
 
-    def parameter_count(self) -> int:
-        """Trainable parameters P (two_layer trains W only; the others train every layer)."""
-        m, d, h, c = self.width, self.data.d, self.depth, self.num_outputs
+    @property
+    def trained_layers(self) -> tuple[str, ...]:
+        """Names of the trained weights, in forward order: layer1 … layerH, then out."""
         if self.arch == "two_layer":
-            return m * d
+            return ("layer1",)
+        hidden = tuple(f"layer{h}" for h in range(1, self.depth + 1))
+        if self.train_layers == "all":
+            return (*hidden, OUTPUT_LAYER)
+        return hidden[1:] if self.train_layers == "hidden" else (OUTPUT_LAYER,)
+
+    def _layer_sizes(self) -> dict[str, int]:
+        """Weights per layer of the network, trained or fixed (two_layer's a is the fixed ±1)."""
+        m, c, h = self.width, self.num_outputs, self.depth
         if self.arch == "conv_resnet":
             q, p = self.patch_size, self.data.positions
-            return m * q * self.data.channels + (h - 1) * m * q * m + m * p * c
-        return m * d + (h - 1) * m * m + m * c
+            first, hidden, out = m * q * self.data.channels, m * q * m, m * p * c
+        else:
+            first, hidden, out = m * self.data.d, m * m, m * c
+        return (
+            {"layer1": first} | {f"layer{k}": hidden for k in range(2, h + 1)} | {OUTPUT_LAYER: out}
+        )
+
+    def parameter_count(self) -> int:
+        """Trained parameters P: the sizes of the ``trained_layers``."""
+        sizes = self._layer_sizes()
+        return sum(sizes[name] for name in self.trained_layers)
+
+    def weight_count(self) -> int:
+        """Every weight the network holds, trained or fixed (what memory and the caps see)."""
+        return sum(self._layer_sizes().values())

@@ -8,8 +8,10 @@
   (``train(..., arrays=(X, y))``).
 
 Inputs are scaled to unit norm unless ``normalize`` is off; a fraction ``label_noise`` of the
-labels is replaced by random ones (Zhang et al. 2017). Parallel inputs make λ₀ = 0 (Du et al.),
-so every data set carries a :class:`DuplicateReport`. Draws depend only on the data seed. The
+labels is replaced by random ones (Zhang et al. 2017). Every data set carries the
+:class:`~worker.separation.Separation` of its inputs: parallel pairs (duplicates make λ₀ = 0;
+antiparallel ones only for odd activations) and Allen-Zhu et al.'s minimum separation δ. Draws
+depend only on the data seed. The
 checksum identifies the source data, before normalization and label noise (which the config
 determines): for an upload it is the upload's own checksum.
 """
@@ -17,7 +19,6 @@ determines): for an upload it is the upload's own checksum.
 from __future__ import annotations
 
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,20 +26,9 @@ import numpy as np
 import torch
 
 from worker.config import DataConfig, RunConfig
+from worker.separation import Separation, separation
 
 LabelKind = Literal["real", "binary", "classes"]
-
-PARALLEL_TOLERANCE = 1e-9  # |cos ∠(x_i, x_j)| ≥ 1 − this counts as parallel
-_CHUNK = 1024
-
-
-@dataclass(frozen=True)
-class DuplicateReport:
-    """Pairs i < j whose inputs are parallel: cos = +1 (duplicates) or |cos| = +1 (either sign)."""
-
-    duplicate_pairs: int
-    parallel_pairs: int
-    max_abs_cosine: float  # over i ≠ j; NaN when n = 1
 
 
 @dataclass(frozen=True)
@@ -49,7 +39,7 @@ class Dataset:
     X: torch.Tensor
     y: torch.Tensor
     label_kind: LabelKind
-    duplicates: DuplicateReport
+    separation: Separation
     checksum: str
 
 
@@ -85,7 +75,8 @@ def make_dataset(cfg: RunConfig, arrays: tuple[Any, Any] | None = None) -> Datas
             raise ValueError("an input is the zero vector: it cannot be normalized")
         X = X / norms
     y = _add_label_noise(y, kind, data.label_noise, cfg.num_outputs, gen)
-    return Dataset(X=X, y=y, label_kind=kind, duplicates=find_parallel_inputs(X), checksum=source)
+    geometry = separation(X.numpy())
+    return Dataset(X=X, y=y, label_kind=kind, separation=geometry, checksum=source)
 
 
 def _sphere(
@@ -168,21 +159,3 @@ def _add_label_noise(
     noisy = y.clone()
     noisy[idx] = fresh
     return noisy
-
-
-def find_parallel_inputs(X: torch.Tensor) -> DuplicateReport:
-    """Count parallel pairs from the cosines of the rows of X (n, d); O(n²d), in row blocks."""
-    n = X.shape[0]
-    unit = X / X.norm(dim=1, keepdim=True).clamp_min(torch.finfo(X.dtype).tiny)
-    duplicates, parallel, max_abs = 0, 0, float("nan")
-    for start in range(0, n, _CHUNK):
-        cos = unit[start : start + _CHUNK] @ unit.T
-        rows = torch.arange(start, start + cos.shape[0]).unsqueeze(1)
-        upper = torch.arange(n).unsqueeze(0) > rows  # pairs i < j only
-        values = cos[upper]
-        if values.numel():
-            duplicates += int((values >= 1 - PARALLEL_TOLERANCE).sum())
-            parallel += int((values.abs() >= 1 - PARALLEL_TOLERANCE).sum())
-            block_max = float(values.abs().max())
-            max_abs = block_max if math.isnan(max_abs) else max(max_abs, block_max)
-    return DuplicateReport(duplicates, parallel, max_abs)

@@ -14,6 +14,10 @@ With C outputs (cross-entropy) the Gram is the trace average of the nC×nC NTK, 
 its C diagonal blocks: H = (1/C) Σ_c J_c J_cᵀ with J_c = ∂u_{·c}/∂θ. It is the NTK itself for
 C = 1 and its infinite-width limit is the scalar kernel (the C blocks coincide, the cross blocks
 vanish). Concatenating the C backprop signals (each scaled by C^{-½}) gives it in one product.
+The full nC×nC NTK Θ_{(c,i),(c',j)} = ⟨∂u_ic/∂θ, ∂u_jc'/∂θ⟩ (what drives the training of the
+C outputs at finite width) has the same structure per layer, Θ⁽ˡ⁾ = (1_{C×C} ⊗ A Aᵀ) ⊙ (B̃ B̃ᵀ)
+with B̃ the C signals stacked along the examples (row c·n + i): C² times the Gram's cost and
+still no Jacobian.
 
 Numerics: products run in float64 with TF32 off, so λ_min of an ill-conditioned Gram survives.
 """
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -43,19 +48,24 @@ def no_tf32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def backprop_signals(fwd: Forward) -> list[torch.Tensor]:
-    """B per trained layer: ∂u/∂z for one backward of Σ_i u_i per output, outputs concatenated.
+def output_signals(fwd: Forward) -> list[tuple[torch.Tensor, ...]]:
+    """∂u_c/∂z per output c and trained layer, one backward of Σ_i u_ic each: [c][layer].
 
-    Shapes: (n, C·fan_out) dense, (n, p, C·m) convolution; scaled by C^{-½} so that B Bᵀ is
-    the mean over outputs. The graph is kept: the training step backpropagates it again.
+    Shapes: (n, fan_out) dense, (n, p, m) convolution. The graph is kept: the training step
+    backpropagates it again.
     """
-    C = fwd.u.shape[1]
-    per_output = [
-        torch.autograd.grad(fwd.u[:, c].sum(), fwd.preacts, retain_graph=True) for c in range(C)
+    return [
+        torch.autograd.grad(fwd.u[:, c].sum(), fwd.preacts, retain_graph=True)
+        for c in range(fwd.u.shape[1])
     ]
-    if C == 1:
+
+
+def backprop_signals(per_output: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """B per trained layer, the outputs' signals concatenated along the neurons and scaled by
+    C^{-½}, so that B Bᵀ is their mean: (n, C·fan_out) dense, (n, p, C·m) convolution."""
+    if len(per_output) == 1:
         return list(per_output[0])
-    scale = 1.0 / math.sqrt(C)
+    scale = 1.0 / math.sqrt(len(per_output))
     return [scale * torch.cat(layer, dim=-1) for layer in zip(*per_output, strict=True)]
 
 
@@ -90,15 +100,46 @@ def conv_gram(phi: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return gram
 
 
+def _layer_gram(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    return dense_gram(A, B) if A.dim() == 2 else conv_gram(A, B)
+
+
+def _stacked_gram(A: torch.Tensor, signals: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """One layer's nC×nC NTK block from its input A and its C output signals (rows c·n + i)."""
+    C, stacked = len(signals), torch.cat(signals, dim=0)
+    if A.dim() == 2:
+        A64, B64 = A.double(), stacked.double()
+        return (A64 @ A64.T).repeat(C, C) * (B64 @ B64.T)
+    return conv_gram(A.repeat(C, *([1] * (A.dim() - 1))), stacked)
+
+
+@dataclass(frozen=True)
+class Grams:
+    """``layers``: G⁽ˡ⁾ per trained layer (n×n, float64; the trace average for C outputs);
+    ``full``: the nC×nC NTK, rows c·n + i (float64), when asked for and C > 1, else None."""
+
+    layers: list[torch.Tensor]
+    full: torch.Tensor | None
+
+
+def grams(fwd: Forward, full_outputs: bool = False) -> Grams:
+    """The Grams of a forward that still has its graph; ``full_outputs`` adds the nC×nC NTK
+    (from the same backward passes)."""
+    with no_tf32():
+        per_output = output_signals(fwd)
+        inputs = [A.detach() for A in fwd.inputs]
+        signals = backprop_signals(per_output)
+        layers = [_layer_gram(A, B) for A, B in zip(inputs, signals, strict=True)]
+        if not full_outputs or len(per_output) == 1:
+            return Grams(layers, None)
+        by_layer = zip(inputs, zip(*per_output, strict=True), strict=True)
+        full = torch.stack([_stacked_gram(A, outs) for A, outs in by_layer]).sum(dim=0)
+        return Grams(layers, full)
+
+
 def layer_grams(fwd: Forward) -> list[torch.Tensor]:
     """G⁽ˡ⁾ (n×n, float64) for every trained layer, from a forward that still has its graph."""
-    with no_tf32():
-        signals = backprop_signals(fwd)
-        inputs = [A.detach() for A in fwd.inputs]
-        return [
-            dense_gram(A, B) if A.dim() == 2 else conv_gram(A, B)
-            for A, B in zip(inputs, signals, strict=True)
-        ]
+    return grams(fwd).layers
 
 
 def ntk_gram(fwd: Forward) -> torch.Tensor:

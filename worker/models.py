@@ -8,8 +8,14 @@
   of q neighbouring positions (1-D signals or 2-D images); f = ⟨a, x⁽ᴴ⁾⟩, a ∈ ℝ^{m×p}.
 
 Rows of every weight are neurons (channels): W⁽ʰ⁾ is (m, fan_in) and a is (m, C) or (m, p, C),
-so per-neuron distances are row norms. Trained weights start N(0, τ²), τ = ``init_scale`` (1 in
-the papers); with C outputs (cross-entropy) a has C columns. Every network returns, besides u,
+so per-neuron distances are row norms. Weights start N(0, τ²), τ = ``init_scale`` (1 in the
+papers); with C outputs (cross-entropy) a has C columns. ``train_layers`` chooses which of them
+GD trains; the others are fixed at their initialization (``requires_grad`` off, still in the
+state_dict): ``hidden`` is Allen-Zhu, Li & Song's (ICML 2019) setting, the input layer A = W⁽¹⁾
+and the output layer B = a fixed. Their ``standard`` parametrization (fc, ReLU) drops the
+√(c_σ/m) layer scale and draws W⁽ʰ⁾ ~ N(0, c_σ τ²/m) (their N(0, 2/m)) and a ~ N(0, τ²/C) (their
+N(0, 1/d) for d outputs): for ReLU the same function as ``ntk`` from the same draw, up to u/√C,
+with the hidden layers' gradients √(m/(c_σ C)) times larger. Every network returns, besides u,
 the (input, pre-activation) pair of each trained linear map: all that the layer-wise Gram
 identity in :mod:`worker.gram` needs.
 """
@@ -24,9 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.activations import ACTIVATIONS, c_sigma
-from worker.config import RunConfig
-
-OUTPUT_LAYER = "out"
+from worker.config import OUTPUT_LAYER, RunConfig
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,27 @@ class Forward:
     u: torch.Tensor
     inputs: list[torch.Tensor]
     preacts: list[torch.Tensor]
+
+
+def layer_gradient_scale(cfg: RunConfig) -> float:
+    """How much larger a hidden layer's Gram is than under ``ntk``: m/(c_σ C) for Allen-Zhu et
+    al.'s ``standard`` parametrization (W = √(c_σ/m) W_ntk and u = u_ntk/√C), 1 otherwise."""
+    if cfg.parametrization == "ntk":
+        return 1.0
+    return cfg.width / (c_sigma(cfg.activation) * cfg.num_outputs)
+
+
+def _named_layers(Ws: nn.ParameterList, a: nn.Parameter) -> list[tuple[str, nn.Parameter]]:
+    """[(layer1, W⁽¹⁾), …, (layerH, W⁽ᴴ⁾), (out, a)]: every weight in forward order."""
+    return [*((f"layer{h}", W) for h, W in enumerate(Ws, start=1)), (OUTPUT_LAYER, a)]
+
+
+def _freeze_untrained(cfg: RunConfig, named: list[tuple[str, nn.Parameter]]) -> list[str]:
+    """Turn off the gradients of the weights ``cfg`` does not train; the trained names."""
+    trained = set(cfg.trained_layers)
+    for name, weight in named:
+        weight.requires_grad_(name in trained)
+    return [name for name, _ in named if name in trained]
 
 
 def _normal(
@@ -82,17 +107,21 @@ class FullyConnected(nn.Module):
         self, cfg: RunConfig, gen: torch.Generator, dtype: torch.dtype, residual: bool
     ) -> None:
         super().__init__()
-        m, d, H = cfg.width, cfg.data.d, cfg.depth
+        m, d, H, C = cfg.width, cfg.data.d, cfg.depth, cfg.num_outputs
         self.sigma = ACTIVATIONS[cfg.activation]
-        self.scale = math.sqrt(c_sigma(cfg.activation) / m)
+        c = c_sigma(cfg.activation)
+        standard = cfg.parametrization == "standard"
+        self.scale = 1.0 if standard else math.sqrt(c / m)
         self.branch = cfg.c_res / (H * math.sqrt(m)) if residual else None
         fan_ins = [d] + [m] * (H - 1)
-        self.Ws = nn.ParameterList(_normal((m, f), gen, dtype, cfg.init_scale) for f in fan_ins)
-        self.a = _normal((m, cfg.num_outputs), gen, dtype, cfg.init_scale)
-        self.layer_names = [f"layer{h}" for h in range(1, H + 1)] + [OUTPUT_LAYER]
+        hidden_std = cfg.init_scale * (math.sqrt(c / m) if standard else 1.0)
+        self.Ws = nn.ParameterList(_normal((m, f), gen, dtype, hidden_std) for f in fan_ins)
+        self.a = _normal((m, C), gen, dtype, cfg.init_scale / (math.sqrt(C) if standard else 1.0))
+        self.all_layers = _named_layers(self.Ws, self.a)
+        self.layer_names = _freeze_untrained(cfg, self.all_layers)
 
     def trained_weights(self) -> list[nn.Parameter]:
-        return [*self.Ws, self.a]
+        return [w for _, w in self.all_layers if w.requires_grad]
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """u (n, C); what ``torch.func.functional_call`` differentiates."""
@@ -103,15 +132,17 @@ class FullyConnected(nn.Module):
         x = X
         for h, W in enumerate(self.Ws):
             z = x @ W.T
-            inputs.append(x)
-            preacts.append(z)
+            if W.requires_grad:
+                inputs.append(x)
+                preacts.append(z)
             if h == 0 or self.branch is None:
                 x = self.scale * self.sigma(z)
             else:
                 x = x + self.branch * self.sigma(z)
         out = x @ self.a  # the output layer is the linear map a, with z = u
-        inputs.append(x)
-        preacts.append(out)
+        if self.a.requires_grad:
+            inputs.append(x)
+            preacts.append(out)
         return Forward(u=out, inputs=inputs, preacts=preacts)
 
 
@@ -143,10 +174,11 @@ class ConvResNet(nn.Module):
         fan_ins = [q * data.channels] + [q * m] * (H - 1)
         self.Ws = nn.ParameterList(_normal((m, f), gen, dtype, cfg.init_scale) for f in fan_ins)
         self.a = _normal((m, data.positions, cfg.num_outputs), gen, dtype, cfg.init_scale)
-        self.layer_names = [f"layer{h}" for h in range(1, H + 1)] + [OUTPUT_LAYER]
+        self.all_layers = _named_layers(self.Ws, self.a)
+        self.layer_names = _freeze_untrained(cfg, self.all_layers)
 
     def trained_weights(self) -> list[nn.Parameter]:
-        return [*self.Ws, self.a]
+        return [w for _, w in self.all_layers if w.requires_grad]
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         """u (n, C); what ``torch.func.functional_call`` differentiates."""
@@ -157,11 +189,12 @@ class ConvResNet(nn.Module):
         inputs, preacts = [], []
 
         def conv(x: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
-            """x (n, c, *spatial) → pre-activations (n, p, m), recording the layer."""
+            """x (n, c, *spatial) → pre-activations (n, p, m), recording a trained layer."""
             phi = patches(x, self.kernel_size)
             z = phi @ W.T
-            inputs.append(phi)
-            preacts.append(z)
+            if W.requires_grad:
+                inputs.append(phi)
+                preacts.append(z)
             return z
 
         def channels_first(h: torch.Tensor) -> torch.Tensor:
@@ -173,8 +206,9 @@ class ConvResNet(nn.Module):
             h = h + self.branch * self.sigma(conv(channels_first(h), W))
         flat = channels_first(h).reshape(n, -1)  # (n, m·p), channel-major like a.view(m·p, C)
         out = flat @ self.a.reshape(flat.shape[1], -1)
-        inputs.append(flat)
-        preacts.append(out)
+        if self.a.requires_grad:
+            inputs.append(flat)
+            preacts.append(out)
         return Forward(u=out, inputs=inputs, preacts=preacts)
 
 

@@ -47,8 +47,14 @@ class EigenDecomposition:
         return cls(values, vectors)
 
     def quadratic_form_inverse(self, y: torch.Tensor) -> float:
-        """yᵀH⁻¹y = Σ_i (v_iᵀy)²/λ_i; inf when H is not positive definite."""
-        if float(self.values[0]) <= 0:
+        """yᵀH⁻¹y = Σ_i (v_iᵀy)²/λ_i; inf when H is singular to working precision.
+
+        Rounding leaves the eigenvalues of a singular H at ±n·ε·λ_max rather than 0, which
+        would give ~10¹⁵ instead of inf; below that tolerance (numpy's ``matrix_rank``'s) H
+        counts as singular.
+        """
+        n, top = len(self.values), float(self.values[-1].abs())
+        if float(self.values[0]) <= n * torch.finfo(self.values.dtype).eps * top:
             return math.inf
         coords = self.vectors.T @ y.double().to(self.vectors.device)
         return float((coords**2 / self.values).sum())

@@ -26,15 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from worker.baseline import Baseline, measure_baseline
+from worker.baseline import Baseline, last_hidden_gram, measure_baseline
 from worker.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from worker.config import RunConfig
 from worker.data import Dataset, make_dataset
 from worker.events import Event, FinalStatus, MetricBatch, RunFinished, RunStarted
-from worker.gram import layer_grams
+from worker.gram import grams as compute_grams
 from worker.losses import accuracy, objective, residual_norm
 from worker.metric_names import (
     ACCURACY,
+    FULL_NTK_MAX,
+    FULL_NTK_MIN,
     GRAD_NORM,
     GRAM_H_CHANGE,
     GRAM_H_MAX,
@@ -220,26 +222,38 @@ def _gram_points(
     step: int,
     spectra: frozenset[int],
 ) -> list[Point]:
-    grams = layer_grams(fwd)
-    ntk, last = torch.stack(grams).sum(dim=0), grams[cfg.depth - 1]
+    computed = compute_grams(fwd, full_outputs=cfg.gram_full_outputs)
+    grams = computed.layers
+    ntk, last = torch.stack(grams).sum(dim=0), last_hidden_gram(cfg, net, grams)
+    named = [("ntk", ntk)] + ([("gram_H", last)] if last is not None else [])
     points: list[Point] = []
     if step % cfg.gram_every == 0:
-        full, last_layer = eig("ntk", ntk), eig("gram_H", last)
+        full = eig("ntk", ntk)
         points += [
             (LAMBDA_MIN, step, full.lambda_min),
             (LAMBDA_MAX, step, full.lambda_max),
             (NTK_CHANGE, step, relative_change(ntk, baseline.ntk)),
-            (GRAM_H_MIN, step, last_layer.lambda_min),
-            (GRAM_H_MAX, step, last_layer.lambda_max),
-            (GRAM_H_CHANGE, step, relative_change(last, baseline.last_hidden)),
         ]
+        if last is not None and baseline.last_hidden is not None:
+            last_layer = eig("gram_H", last)
+            points += [
+                (GRAM_H_MIN, step, last_layer.lambda_min),
+                (GRAM_H_MAX, step, last_layer.lambda_max),
+                (GRAM_H_CHANGE, step, relative_change(last, baseline.last_hidden)),
+            ]
+        if computed.full is not None:
+            outputs = eig("ntk_full", computed.full)
+            points += [
+                (FULL_NTK_MIN, step, outputs.lambda_min),
+                (FULL_NTK_MAX, step, outputs.lambda_max),
+            ]
         if cfg.gram_per_layer:
             for name, gram in zip(net.layer_names, grams, strict=True):
                 layer = eig(f"gram/{name}", gram)
                 lo, hi = gram_layer_names(name)
                 points += [(lo, step, layer.lambda_min), (hi, step, layer.lambda_max)]
     if step in spectra:
-        for name, gram in (("ntk", ntk), ("gram_H", last)):
+        for name, gram in named:
             values = eigenvalues(gram).tolist()
             points += [(spectrum_name(name, i), step, v) for i, v in enumerate(values)]
     return points

@@ -140,6 +140,18 @@ def test_regime_checks() -> None:
     assert {c["name"]: c["ok"] for c in smooth["regime"]["checks"]}["activation"] is True
 
 
+@pytest.mark.parametrize(
+    ("activation", "ok"), [("relu", True), ("softplus", True), ("tanh", False)]
+)
+def test_antiparallel_inputs_break_only_odd_activations(activation: str, ok: bool) -> None:
+    """One antiparallel pair (parallel_pairs counts it, duplicate_pairs does not): λ₀ > 0 for
+    ReLU and softplus kernels (tests/worker/test_kernels.py), 0 for tanh."""
+    points = history() | {DUPLICATE_PAIRS: [(0, 0.0)], PARALLEL_PAIRS: [(0, 1.0)]}
+    checks = analyze_run(points, CONFIG | {"activation": activation})["regime"]["checks"]
+    distinct = {c["name"]: c for c in checks}["distinct_inputs"]
+    assert distinct["ok"] is ok and distinct["value"] == (0 if ok else 1)
+
+
 def test_lr_auto_reads_the_reported_step_size() -> None:
     points = history() | {RUN_LR: [(0, 0.5)]}
     result = analyze_run(points, CONFIG | {"lr": "auto"})

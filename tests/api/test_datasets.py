@@ -204,3 +204,34 @@ def test_near_parallel_report_matches_a_direct_computation() -> None:
         (1499, 1500),
     ]
     assert report["max_abs_cos"] == pytest.approx(upper.max())
+    i, j = np.triu_indices(len(X), k=1)  # δ: every pair's difference of unit rows
+    distances = np.linalg.norm(unit[i] - unit[j], axis=1)
+    assert report["min_separation"] == pytest.approx(float(distances.min()), abs=1e-15)
+    assert sorted(report["min_separation_pair"]) == [1499, 1500]
+
+
+def test_upload_report_and_run_count_the_same_near_parallel_pairs() -> None:
+    """One threshold for the upload's pre-flight and the run's data/parallel_pairs: a pair with
+    1 − cos = 1e-7 is near-parallel for both (the run once used 1e-9, the upload 1e-6), and
+    |cos| that rounds above 1 is reported as 1."""
+    from worker.config import DataConfig, RunConfig
+    from worker.data import make_dataset
+    from worker.separation import unit_rows
+
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(40, 5))
+    X[30] = X[3] + np.sqrt(2e-7) * np.linalg.norm(X[3]) * np.eye(5)[0] * 0.999
+    cos = X[3] @ X[30] / (np.linalg.norm(X[3]) * np.linalg.norm(X[30]))
+    assert 1e-9 < 1 - cos < 1e-6
+    X[7] = [-2.3250307746388343, -0.21879166393254573, -1.2459109472530652,
+            -0.7322673547034516, -0.5442589828573099]  # fmt: skip
+    X[31] = 5.4604660804660075 * X[7]  # their cosine rounds to 1 + 2⁻⁵² without the clamp
+    unit = unit_rows(X)
+    assert float(unit[7] @ unit[31]) > 1.0
+    report = dataset_service.near_parallel_report(X)
+    cfg = RunConfig(data=DataConfig(kind="dataset", dataset_id=1, n=40, d=5))
+    run = make_dataset(cfg, (X, np.zeros(40))).separation
+    assert report["near_parallel_pairs"] == run.parallel_pairs == 2
+    assert report["max_abs_cos"] <= 1.0 and run.max_abs_cosine <= 1.0
+    assert report["max_abs_cos"] == pytest.approx(run.max_abs_cosine, abs=1e-15)
+    assert report["min_separation"] == pytest.approx(run.min_separation, abs=1e-15)

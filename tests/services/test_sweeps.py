@@ -132,7 +132,27 @@ def test_parameter_cap() -> None:
     settings = SETTINGS.model_copy(update={"max_parameters": 10_000})
     errs = errors(spec(base={"arch": "fc", "depth": 3, "width": 100}), settings)
     assert "parameters" in errs["base.width"][1]
+    # fixed layers are held in memory too: training only the output layer does not dodge it
+    last = spec(base={"arch": "fc", "depth": 3, "width": 100, "train_layers": "last"})
+    assert "parameters" in errors(last, settings)["base.width"][1]
 
 
 def test_empty_grid_values_are_rejected() -> None:
     assert "grid.width" in errors(spec(grid={"width": []}))
+
+
+def test_every_example_spec_expands_into_valid_runs() -> None:
+    """examples/*.yaml are what users copy: each must pass the run contract and the caps
+    (allen_zhu.yaml pairs Allen-Zhu et al.'s setting with Du et al.'s fc at each width)."""
+    import pathlib
+
+    import yaml
+
+    directory = pathlib.Path(__file__).parents[2] / "examples"
+    expanded = {
+        path.name: expand(SweepSpec.model_validate(yaml.safe_load(path.read_text())), SETTINGS)
+        for path in sorted(directory.glob("*.yaml"))
+    }
+    assert all(expanded.values()) and "allen_zhu.yaml" in expanded
+    pairs = {(r.config.train_layers, r.config.parametrization) for r in expanded["allen_zhu.yaml"]}
+    assert pairs == {("hidden", "standard"), ("all", "ntk")}

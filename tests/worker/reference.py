@@ -5,7 +5,7 @@
   adaptive quadrature (scipy), so no worker arithmetic is reused.
 - ``jacobian_grams``: the per-parameter Grams J_k J_kᵀ with J from torch.func (jacrev + vmap,
   the PyTorch NTK tutorial's method) applied to ``paper_forward``; with C outputs, the mean of
-  the C diagonal blocks of the nC×nC NTK.
+  the C diagonal blocks of the nC×nC NTK. ``jacobian_ntk``: the whole nC×nC J Jᵀ.
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ def paper_forward(cfg: RunConfig, params: dict[str, torch.Tensor], x: torch.Tens
     branch = cfg.c_res / (H * math.sqrt(m))
     if cfg.arch == "two_layer":
         return params["a"].T @ sigma(params["W"] @ x) / math.sqrt(m)
+    if cfg.parametrization == "standard":  # Allen-Zhu et al.: h₀ = relu(Ax), h_ℓ = relu(W_ℓh)
+        h = torch.relu(params["Ws.0"] @ x)
+        for k in range(1, H):
+            h = torch.relu(params[f"Ws.{k}"] @ h)
+        return params["a"].T @ h  # y = B h_L
     if cfg.arch == "conv_resnet":
         data = cfg.data
         spatial = data.image_shape or (data.positions,)
@@ -80,6 +85,22 @@ def jacobian_grams(
         J = jac[k].reshape(X.shape[0], jac[k].shape[1], -1)  # (n, C, P_k)
         grams[k] = torch.einsum("icp,jcp->ij", J, J) / J.shape[1]
     return grams
+
+
+def jacobian_ntk(
+    cfg: RunConfig, params: dict[str, torch.Tensor], trained: list[str], X: torch.Tensor
+) -> torch.Tensor:
+    """The nC×nC NTK J Jᵀ over the ``trained`` parameters, rows ordered (output c, input i)."""
+    fixed = {k: v for k, v in params.items() if k not in trained}
+
+    def f(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return paper_forward(cfg, p | fixed, x)
+
+    jac = vmap(jacrev(f), (None, 0))({k: params[k] for k in trained}, X)
+    n = X.shape[0]
+    J = torch.cat([jac[k].reshape(n, jac[k].shape[1], -1) for k in trained], dim=2)  # (n, C, P)
+    J = J.transpose(0, 1).reshape(-1, J.shape[2])  # row c·n + i
+    return J @ J.T
 
 
 def network_params(net: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -60,10 +60,13 @@ def _interrupted(cfg: RunConfig, directory: Path, after_step: int) -> list[Event
             "arch": "conv_resnet",
             "width": 6,
             "loss": "cross_entropy",
+            "gram_full_outputs": True,
+            "eig_dense_max_n": 16,  # the 20×20 full NTK takes the Lanczos path
             "data": DataConfig(n=10, d=6, labels="sign"),
         },
+        {"train_layers": "hidden", "parametrization": "standard", "depth": 3},
     ],
-    ids=["gd-fc", "sgd-resnet-lanczos", "two_layer-float32", "conv-cross_entropy"],
+    ids=["gd-fc", "sgd-resnet-lanczos", "two_layer-float32", "conv-cross_entropy", "allen_zhu"],
 )
 def test_resumed_run_reports_exactly_the_uninterrupted_metrics(
     update: dict[str, object], tmp_path: Path

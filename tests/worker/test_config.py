@@ -43,6 +43,11 @@ def _errors(payload: dict[str, Any]) -> dict[tuple[str | int, ...], str]:
         ({"c_res": 1.0}, ("c_res",)),
         ({"max_wall_time_s": 0}, ("max_wall_time_s",)),
         ({"widht": 3}, ("widht",)),
+        ({"arch": "two_layer", "train_layers": "hidden"}, ("train_layers",)),
+        ({"arch": "fc", "depth": 1, "train_layers": "hidden"}, ("train_layers",)),
+        ({"arch": "fc", "train_layers": "some"}, ("train_layers",)),
+        ({"arch": "resnet", "depth": 2, "parametrization": "standard"}, ("parametrization",)),
+        ({"arch": "fc", "activation": "tanh", "parametrization": "standard"}, ("parametrization",)),
     ],
 )
 def test_bad_values_are_reported_at_their_field(
@@ -80,10 +85,42 @@ def test_defaults_form_a_valid_run_and_survive_a_json_round_trip() -> None:
             "width": 6,
             "data": {"kind": "dataset", "dataset_id": 4, "n": 3, "d": 2, "label_dim": 3},
         },
+        {"arch": "fc", "depth": 4, "width": 9, "train_layers": "hidden"},
+        {
+            "arch": "fc",
+            "depth": 3,
+            "width": 9,
+            "train_layers": "hidden",
+            "parametrization": "standard",
+        },
+        {"arch": "resnet", "depth": 3, "width": 5, "train_layers": "last"},
+        {"arch": "conv_resnet", "depth": 3, "width": 4, "train_layers": "hidden", "data": {"d": 6}},
     ],
 )
 def test_parameter_count_is_the_number_of_trained_weights(payload: dict[str, Any]) -> None:
     cfg = RunConfig.model_validate(payload)
     net = build_network(cfg)
+    trainable = [p for p in net.parameters() if p.requires_grad]
     assert cfg.parameter_count() == sum(w.numel() for w in net.trained_weights())
-    assert cfg.parameter_count() == sum(p.numel() for p in net.parameters())
+    assert cfg.parameter_count() == sum(p.numel() for p in trainable)
+    assert len(net.layer_names) == len(cfg.trained_layers) == len(trainable)
+    held = sum(p.numel() for p in net.parameters()) + (
+        net.a.numel() if cfg.arch == "two_layer" else 0
+    )
+    assert cfg.weight_count() == held
+
+
+def test_old_configs_keep_their_meaning() -> None:
+    """The new fields default to today's networks: every layer trained, Du et al.'s scaling."""
+    cfg = RunConfig.model_validate({"arch": "fc", "depth": 3})
+    assert cfg.train_layers == "all" and cfg.parametrization == "ntk"
+    assert cfg.trained_layers == ("layer1", "layer2", "layer3", "out")
+    assert not cfg.gram_full_outputs
+    hidden = cfg.model_copy(update={"train_layers": "hidden"})
+    assert hidden.trained_layers == ("layer2", "layer3")  # Allen-Zhu et al.: W₁…W_L only
+
+
+def test_the_eigenvalue_path_is_described_as_it_is_run() -> None:
+    """worker/spectra.py runs Lanczos (ARPACK eigsh), not LOBPCG, above eig_dense_max_n."""
+    description = RunConfig.model_fields["eig_dense_max_n"].description or ""
+    assert "Lanczos" in description and "LOBPCG" not in description

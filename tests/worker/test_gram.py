@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import worker.gram
-from tests.worker.reference import jacobian_grams, network_params
+from tests.worker.reference import jacobian_grams, jacobian_ntk, network_params
 from worker.config import DataConfig, RunConfig
 from worker.data import make_dataset
-from worker.gram import conv_gram, layer_grams, no_tf32, ntk_gram
+from worker.gram import conv_gram, grams, layer_grams, no_tf32, ntk_gram
 from worker.models import build_network
+from worker.spectra import ExtremeEigenvalues
 
 CASES = [
     RunConfig(arch="two_layer", width=32, data=DataConfig(n=12, d=5), seed=3),
@@ -54,11 +55,31 @@ CASES = [
         loss="cross_entropy",
         data=DataConfig(n=5, d=6, labels="teacher"),
     ),
+    # only some layers trained (train_layers), Allen-Zhu et al.'s parametrization
+    RunConfig(arch="fc", width=16, depth=3, train_layers="hidden", data=DataConfig(n=9, d=5)),
+    RunConfig(
+        arch="fc",
+        width=16,
+        depth=3,
+        train_layers="hidden",
+        parametrization="standard",
+        data=DataConfig(n=9, d=5),
+    ),
+    RunConfig(arch="resnet", width=12, depth=3, train_layers="last", data=DataConfig(n=7, d=4)),
+    RunConfig(
+        arch="conv_resnet",
+        width=5,
+        depth=3,
+        train_layers="hidden",
+        activation="tanh",
+        data=DataConfig(n=5, d=8),
+    ),
 ]
 
 
 def _case_id(cfg: RunConfig) -> str:
-    return f"{cfg.arch}-H{cfg.depth}-{cfg.activation}-{cfg.data.kind}-C{cfg.num_outputs}"
+    trained = f"-{cfg.train_layers}-{cfg.parametrization}" if cfg.train_layers != "all" else ""
+    return f"{cfg.arch}-H{cfg.depth}-{cfg.activation}-{cfg.data.kind}-C{cfg.num_outputs}{trained}"
 
 
 def _reference(cfg: RunConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -136,3 +157,80 @@ def test_float32_network_gets_a_float64_gram_close_to_the_float64_one() -> None:
     single = ntk_gram(build_network(cfg, torch.float32).forward_layers(data.X.float()))
     assert single.dtype == torch.float64
     assert _rel(single, exact) < 1e-5
+
+
+ALLEN_ZHU = RunConfig(
+    arch="fc",
+    width=24,
+    depth=4,
+    train_layers="hidden",
+    parametrization="standard",
+    loss="cross_entropy",
+    data=DataConfig(kind="digits", n=8, classes=(0, 1, 2)),
+    seed=5,
+)
+
+
+def test_allen_zhu_gram_is_the_jacobian_over_the_hidden_layers_only() -> None:
+    """Allen-Zhu, Li & Song: h₀ = relu(Ax), h_ℓ = relu(W_ℓh_{ℓ−1}), y = Bh_L with A and B fixed.
+    The trained parameters are W₁…W_L (here Ws.1…Ws.3, named from the paper, not read from the
+    network), and the NTK is J Jᵀ over them alone."""
+    net = build_network(ALLEN_ZHU)
+    params, trainable = network_params(net)
+    assert trainable == ["Ws.1", "Ws.2", "Ws.3"]
+    X = make_dataset(ALLEN_ZHU).X
+    reference = jacobian_grams(ALLEN_ZHU, params, ["Ws.1", "Ws.2", "Ws.3"], X)
+    ours = layer_grams(net.forward_layers(X))
+    assert len(ours) == 3
+    for name, gram in zip(["Ws.1", "Ws.2", "Ws.3"], ours, strict=True):
+        assert _rel(gram, reference[name]) < 1e-10
+    every_layer = jacobian_grams(ALLEN_ZHU, params, [*params], X)  # A and B would add their share
+    assert _rel(sum(ours), sum(every_layer.values())) > 1e-3
+
+
+def test_allen_zhu_initialization_scales() -> None:
+    """Entries of A and W_ℓ ~ N(0, 2/m), of B ~ N(0, 1/C) (the paper's d outputs): sample
+    variances of one wide draw within 3% (m = 512: ~5·10⁴ samples or more per matrix)."""
+    cfg = ALLEN_ZHU.model_copy(update={"width": 512})
+    net = build_network(cfg)
+    params, _ = network_params(net)
+    m, C = cfg.width, cfg.num_outputs
+    for name in ("Ws.0", "Ws.1", "Ws.2", "Ws.3"):
+        assert float(params[name].var()) == pytest.approx(2 / m, rel=0.03), name
+    assert float(params["a"].var()) == pytest.approx(1 / C, rel=0.05)
+    ntk = RunConfig(arch="fc", width=512, depth=4, data=DataConfig(kind="digits", classes=(3, 8)))
+    ntk_params, _ = network_params(build_network(ntk))
+    assert float(ntk_params["Ws.1"].var()) == pytest.approx(1.0, rel=0.03)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        CASES[10],  # fc, 3 digit classes
+        CASES[11],  # two_layer, 2 classes
+        CASES[12],  # conv_resnet, 2 classes
+        ALLEN_ZHU,
+    ],
+    ids=_case_id,
+)
+def test_full_multi_output_ntk_equals_the_explicit_jacobian_product(cfg: RunConfig) -> None:
+    """The nC×nC NTK from the layer-wise structure equals J Jᵀ with J (nC × P) from torch.func,
+    so do its extreme eigenvalues; its diagonal blocks average to the reported Gram, and its
+    least eigenvalue is below the trace average's (the cross blocks are not zero)."""
+    data = make_dataset(cfg)
+    X = data.X[:12]
+    net = build_network(cfg)
+    computed = grams(net.forward_layers(X), full_outputs=True)
+    assert computed.full is not None
+    params, trained = network_params(net)
+    explicit = jacobian_ntk(cfg, params, trained, X)
+    assert _rel(computed.full, explicit) < 1e-10
+    eig = ExtremeEigenvalues(dense_max_n=10_000)
+    ours, reference = eig("full", computed.full), torch.linalg.eigvalsh(explicit)
+    assert ours.lambda_min == pytest.approx(float(reference[0]), rel=1e-8, abs=1e-12)
+    assert ours.lambda_max == pytest.approx(float(reference[-1]), rel=1e-10)
+    n, C = X.shape[0], cfg.num_outputs
+    blocks = computed.full.reshape(C, n, C, n).diagonal(dim1=0, dim2=2).mean(dim=-1)
+    average = torch.stack(computed.layers).sum(0)
+    torch.testing.assert_close(blocks, average, rtol=1e-10, atol=1e-12)
+    assert ours.lambda_min < float(torch.linalg.eigvalsh(average)[0])

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from worker.config import DataConfig, RunConfig
+from worker.data import make_dataset
 from worker.events import MetricBatch, RunFinished, RunStarted
 from worker.metric_names import (
     ACCURACY,
+    FULL_NTK_MIN,
     GRAD_NORM,
     GRAM_H_MIN,
     LAMBDA_MAX,
@@ -265,3 +267,102 @@ def test_smooth_activations_train(activation: str) -> None:
     pts, events = points(cfg)
     assert events[-1].status == "succeeded"
     assert series(pts, LOSS)[cfg.steps] < series(pts, LOSS)[0]
+
+
+@pytest.mark.parametrize("arch", ["two_layer", "fc"])
+def test_duplicate_inputs_give_an_infinite_y_hinv_y(arch: str) -> None:
+    """A repeated input makes H^∞ singular; rounding leaves its least eigenvalue at ~±1e-17,
+    which once gave yᵀ(H^∞)⁻¹y ≈ 1e15 instead of the documented inf (different labels on the
+    two copies: no finite-norm interpolant exists)."""
+    gen = np.random.default_rng(9)  # rounding leaves λ_min(H^∞) at +1.5e-16 (fc: +5.6e-16)
+    X, y = gen.normal(size=(12, 4)), gen.normal(size=12)
+    X[7] = X[3]
+    cfg = RunConfig(
+        arch=arch,
+        depth=1 if arch == "two_layer" else 2,
+        width=32,
+        steps=2,
+        data=DataConfig(kind="dataset", dataset_id=1, n=12, d=4),
+    )
+    events = list(train(cfg, arrays=(X, y)))
+    constants = {
+        n: v for e in events if isinstance(e, MetricBatch) for n, s, v in e.points if s == 0
+    }
+    assert constants["data/duplicate_pairs"] == 1 and constants["data/min_separation"] == 0.0
+    assert abs(constants["theory/lambda0"]) < 1e-12
+    assert constants["theory/y_Hinv_y"] == math.inf
+    assert constants["theory/generalization_bound"] == math.inf
+
+
+def test_step_zero_reports_the_separation_and_the_kernel_error() -> None:
+    cfg = SMALL.model_copy(update={"activation": "tanh", "steps": 2})
+    pts, _ = points(cfg)
+    constants = {n: v for n, s, v in pts if s == 0}
+    X = np.asarray(make_dataset(cfg).X)
+    i, j = np.triu_indices(len(X), k=1)
+    delta = float(np.linalg.norm(X[i] - X[j], axis=1).min())
+    assert constants["data/min_separation"] == pytest.approx(delta, rel=1e-12)
+    n, m = cfg.data.n, cfg.width  # Allen-Zhu et al.: δ* = (n²⁴ L¹² / m)^{1/8}, L = 1 here
+    assert constants["data/min_separation_ratio"] == pytest.approx(delta / (n**3 / m ** (1 / 8)))
+    assert 0 < constants["theory/kernel_error_estimate"] < 1e-9
+
+
+def test_allen_zhu_run_trains_and_reports_only_its_hidden_layers() -> None:
+    """train_layers: hidden: W⁽¹⁾ (their A) and a (their B) never move and have no metrics."""
+    cfg = SMALL.model_copy(
+        update={
+            "arch": "fc",
+            "depth": 3,
+            "width": 64,
+            "lr": "auto",
+            "train_layers": "hidden",
+            "parametrization": "standard",
+            "gram_per_layer": True,
+            "steps": 100,
+        }
+    )
+    pts, events = points(cfg)
+    assert events[-1].status == "succeeded"
+    names = {n for n, _, _ in pts}
+    assert {"weight_dist/layer2", "weight_dist/layer3", "pattern_flips/layer2"} <= names
+    assert not {"weight_dist/layer1", "weight_dist/out", "gram/layer1/lambda_min"} & names
+    constants = {n: v for n, s, v in pts if s == 0}
+    assert constants["run/parameter_count"] == 2 * 64 * 64
+    assert constants["theory/lambda0"] > 0
+    loss = series(pts, LOSS)
+    assert loss[100] < 0.1 * loss[0]
+
+
+def test_training_only_the_last_layer_is_linear_regression_on_fixed_features() -> None:
+    """train_layers: last: u = x⁽ᴴ⁾a is linear in a, so the NTK never changes and GD follows the
+    linearized prediction exactly; there is no trained W⁽ᴴ⁾, hence no G⁽ᴴ⁾ metrics nor λ₀."""
+    cfg = SMALL.model_copy(
+        update={"arch": "fc", "depth": 2, "width": 64, "lr": "auto", "train_layers": "last"}
+    )
+    pts, _ = points(cfg)
+    assert set(series(pts, NTK_CHANGE).values()) == {0.0}
+    loss, predicted = series(pts, LOSS), series(pts, "theory/predicted_loss_h0")
+    assert all(predicted[k] == pytest.approx(loss[k], rel=1e-9) for k in predicted)
+    names = {n for n, _, _ in pts}
+    assert GRAM_H_MIN not in names and "theory/lambda0" not in names
+    assert "theory/ntk_inf_lambda_min" in names
+
+
+def test_multi_output_runs_report_the_full_ntk_when_asked() -> None:
+    cfg = RunConfig(
+        arch="fc",
+        depth=1,
+        width=64,
+        loss="cross_entropy",
+        lr="auto",
+        gram_full_outputs=True,
+        data=DataConfig(kind="digits", n=20, classes=(0, 1, 2, 3)),
+        steps=20,
+        gram_every=10,
+    )
+    pts, _ = points(cfg)
+    full, average = series(pts, FULL_NTK_MIN), series(pts, LAMBDA_MIN)
+    assert sorted(full) == [0, 10, 20]
+    assert all(0 < full[k] < average[k] for k in full)  # the cross blocks lower it
+    plain = {n for n, _, _ in points(cfg.model_copy(update={"gram_full_outputs": False}))[0]}
+    assert FULL_NTK_MIN not in plain
