@@ -27,7 +27,7 @@ from services.analysis import analyze_run, load_points
 from services.datasets import load_arrays
 from services.db import session_scope
 from services.leadership import Leadership
-from services.metrics import metric_ids, write_points
+from services.metrics import metric_ids, write_series
 from services.models import DispatcherRecord, MetricChunk, Run, utcnow
 from services.numbers import json_number
 from services.resources import ResourceRequest, ResourceSpec, resolve
@@ -70,20 +70,20 @@ class RunProgress:
             lambda_min_min=number("lambda_min_min"),
         )
 
-    def observe(self, points: list[tuple[str, int, float]]) -> None:
-        for name, step, value in points:
-            if name == LOSS:
-                if step == 0:
-                    self.initial_loss = value
-                if step >= self.steps_done:
-                    self.steps_done, self.final_loss = step, value
-            elif name == LAMBDA_MIN:
-                if step == 0:
-                    self.lambda_min_initial = value
-                if not math.isnan(value) and (
-                    self.lambda_min_min is None or value < self.lambda_min_min
-                ):
-                    self.lambda_min_min = value
+    def observe(self, series: dict[str, tuple[list[int], list[float]]]) -> None:
+        """Fold a batch's loss and λ_min(H) points into the progress."""
+        for step, value in zip(*series.get(LOSS, ([], [])), strict=True):
+            if step == 0:
+                self.initial_loss = value
+            if step >= self.steps_done:
+                self.steps_done, self.final_loss = step, value
+        for step, value in zip(*series.get(LAMBDA_MIN, ([], [])), strict=True):
+            if step == 0:
+                self.lambda_min_initial = value
+            if not math.isnan(value) and (
+                self.lambda_min_min is None or value < self.lambda_min_min
+            ):
+                self.lambda_min_min = value
 
     def as_summary(self) -> dict[str, Any]:
         numbers = {
@@ -265,8 +265,8 @@ class Dispatcher:
                     "torch_version": event.torch_version,
                 }
             elif isinstance(event, MetricBatch):
-                write_points(db_session=db, run_id=run_id, points=event.points)
-                progress.observe(event.points)
+                write_series(db_session=db, run_id=run_id, series=event.series)
+                progress.observe(event.series)
             elif isinstance(event, RunFinished):
                 progress.wall_time_s = event.wall_time_s
                 progress.extra["stop_reason"] = event.reason

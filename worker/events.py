@@ -6,6 +6,7 @@ dataclasses so the worker stays independent of Ray and of the database.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,9 +30,28 @@ class RunStarted:
 
 @dataclass(frozen=True)
 class MetricBatch:
-    """Metric points ``(name, step, value)``; values may be NaN or ±inf."""
+    """Metric points as columns: {name: (steps, values)}, the shape the store keeps them in
+    (grouped here, in the worker, not by the dispatcher); values may be NaN or ±inf."""
 
-    points: list[tuple[str, int, float]] = field(default_factory=list)
+    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, points: Iterable[tuple[str, int, float]]) -> MetricBatch:
+        series: dict[str, tuple[list[int], list[float]]] = {}
+        for name, step, value in points:
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(value)
+        return cls(series)
+
+    @property
+    def points(self) -> list[tuple[str, int, float]]:
+        """The points as (name, step, value)."""
+        return [
+            (name, step, value)
+            for name, (steps, values) in self.series.items()
+            for step, value in zip(steps, values, strict=True)
+        ]
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,7 @@ def train(
     for step in range(start, cfg.steps + 1):
         if directory is not None and step > start and step % cfg.checkpoint_every == 0:
             if pending:  # every point before a checkpoint is sent before it exists
-                yield MetricBatch(points=pending)
+                yield MetricBatch.of(pending)
                 pending = []
             state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             save_checkpoint(
@@ -189,10 +189,10 @@ def train(
             (STEP_TIME, step, time.perf_counter() - tick),
         ]
         if (step + 1) % cfg.emit_every == 0:
-            yield MetricBatch(points=pending)
+            yield MetricBatch.of(pending)
             pending = []
     if pending:
-        yield MetricBatch(points=pending)
+        yield MetricBatch.of(pending)
     yield RunFinished(status=status, steps_done=step, reason=reason, wall_time_s=elapsed())
 
 

@@ -202,6 +202,9 @@ def test_distinct_inputs_counts_a_duplicate_pair_once() -> None:
     assert checks["distinct_inputs"]["value"] == 1 and checks["distinct_inputs"]["ok"] is False
     antiparallel = history() | {DUPLICATE_PAIRS: [(0, 0.0)], PARALLEL_PAIRS: [(0, 2.0)]}
     checks = {c["name"]: c for c in analyze_run(antiparallel, CONFIG)["regime"]["checks"]}
+    assert checks["distinct_inputs"]["value"] == 0  # antiparallel inputs keep ReLU's λ₀ > 0
+    tanh = CONFIG | {"activation": "tanh"}
+    checks = {c["name"]: c for c in analyze_run(antiparallel, tanh)["regime"]["checks"]}
     assert checks["distinct_inputs"]["value"] == 2
 
 
