@@ -10,13 +10,15 @@ every request thread waits for that lock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from typing import Annotated, TypeVar
 
 from anyio import CancelScope, to_thread
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Header, Path, Request
+from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
+from services import idempotency
 from services.settings import Settings
 
 MAX_ID = 2**31 - 1  # ids are 32-bit integers on PostgreSQL
@@ -60,3 +62,37 @@ async def wake_dispatcher(request: Request) -> None:
     dispatcher = getattr(request.app.state, "dispatcher", None)
     if dispatcher is not None:
         dispatcher.wake()
+
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="retry-safe creation: the same key and body get the same answer again",
+    ),
+]
+M = TypeVar("M", bound=BaseModel)
+
+
+def once(
+    db: Session,
+    request: Request,
+    key: str | None,
+    content: bytes,
+    create: Callable[[], M],
+    status: int = 201,
+) -> M:
+    """``create()`` unless this ``Idempotency-Key`` was answered before (then that answer is
+    sent again: services/idempotency.py); the key, the answer and what was created commit
+    together."""
+    settings: Settings = request.app.state.settings
+    scope = f"{request.method} {request.url.path}"
+    idempotency.claim(
+        db_session=db, scope=scope, key=key, request=content, ttl_s=settings.idempotency_ttl_s
+    )
+    result = create()
+    answer = result.model_dump(mode="json")
+    idempotency.remember(db_session=db, scope=scope, key=key, status=status, response=answer)
+    return result

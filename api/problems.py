@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import Conflict, FieldError, NotFound, SpecError
+from services.idempotency import Replay
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,13 @@ def install(app: FastAPI) -> None:
             exc.status_code, "Error"
         )
         return problem(exc.status_code, title, str(exc.detail))
+
+    @app.exception_handler(Replay)
+    async def _replay(_: Request, exc: Replay) -> JSONResponse:
+        """An ``Idempotency-Key`` answered before: the same answer again."""
+        return JSONResponse(
+            exc.body, status_code=exc.status, headers={"Idempotent-Replayed": "true"}
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -24,7 +24,7 @@ import numpy.typing as npt
 
 CHUNK_POINTS = 1024  # points per chunk at most: a batch's history is cut into pieces this size
 SMALL_CHUNK = 256  # a chunk with fewer points takes in the points appended right after it
-TAIL_WINDOW = 4096  # how many steps before a batch a writer looks for such a chunk
+TAIL_WINDOW = 1024  # how many steps before a batch a writer looks for such a chunk
 
 Steps = npt.NDArray[np.int64]
 Values = npt.NDArray[np.float64]

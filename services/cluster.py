@@ -12,10 +12,12 @@ from services.models import DispatcherRecord, utcnow
 
 # A leader silent for longer than this is presumed gone (its snapshot is stale).
 LEADER_TIMEOUT = timedelta(seconds=60)
+# A service whose leader has not beaten for this long is not ready (runs would not start).
+READY_TIMEOUT = timedelta(seconds=15)
 
 
-def leader(*, db_session: Session) -> DispatcherRecord | None:
-    """The dispatcher that beat most recently as leader, if it did within LEADER_TIMEOUT."""
+def leader(*, db_session: Session, within: timedelta = LEADER_TIMEOUT) -> DispatcherRecord | None:
+    """The dispatcher that beat most recently as leader, if it did within ``within``."""
     record = db_session.scalars(
         select(DispatcherRecord)
         .where(DispatcherRecord.leader.is_(True))
@@ -24,7 +26,7 @@ def leader(*, db_session: Session) -> DispatcherRecord | None:
     ).first()
     if record is None:
         return None
-    return record if utcnow() - record.heartbeat_at <= LEADER_TIMEOUT else None
+    return record if utcnow() - record.heartbeat_at <= within else None
 
 
 def cluster_nodes(*, db_session: Session) -> list[dict[str, float]]:

@@ -10,6 +10,7 @@ handling, so one failing run never affects another run or the dispatcher itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -18,9 +19,10 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.analysis import analyze_run, load_points
@@ -40,6 +42,8 @@ from worker.metric_names import LAMBDA_MIN, LOSS
 log = logging.getLogger(__name__)
 
 HEARTBEAT_PERIOD_S = 2.0
+MAX_BACKOFF_S = 10.0
+T = TypeVar("T")
 
 
 @dataclass
@@ -380,7 +384,7 @@ class Dispatcher:
         try:
             async for ref in gen:
                 event = await ref
-                await asyncio.to_thread(self._record, run_id, event, progress)
+                await self._retrying(self._record, run_id, event, progress)
                 if isinstance(event, RunFinished):
                     status, error = event.status, None
                     if event.status == "diverged":
@@ -394,7 +398,7 @@ class Dispatcher:
             self.requests.pop(run_id, None)
             self.wake()  # a slot is free
         try:
-            await asyncio.to_thread(self._finish, run_id, status, error)
+            await self._retrying(self._finish, run_id, status, error)
         except Exception:
             log.exception("could not record the end of run %s", run_id)
 
@@ -433,8 +437,28 @@ class Dispatcher:
         self._wake.clear()
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Wait to lead, dispatch until ``stop`` is set, then stop the runs and re-queue them."""
+        """Dispatch until ``stop`` is set, leading whenever this process can.
+
+        Supervised: a term of leadership ends when the lock is lost (say, PostgreSQL restarted)
+        or an error escapes it; its runs are stopped and re-queued, and after a backoff the
+        dispatcher waits to lead again. It never dies of a database that went away.
+        """
         self._wake = asyncio.Event()
+        delay = 0.0
+        while not stop.is_set():
+            try:
+                await self._term(stop)
+                delay = 0.0
+            except Exception:
+                delay = min(max(2 * delay, 0.5), MAX_BACKOFF_S)
+                log.exception("dispatcher failed; trying again in %.1f s", delay)
+            if delay and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay)
+
+    async def _term(self, stop: asyncio.Event) -> None:
+        """Wait to lead, then dispatch until ``stop`` or the lock is lost; then stop the runs and
+        re-queue them."""
         waiting_logged = False
         while not stop.is_set() and not await asyncio.to_thread(self.leadership.try_acquire):
             if not waiting_logged:
@@ -447,27 +471,54 @@ class Dispatcher:
         self.leading = True
         self._last_beat = -math.inf
         log.info("leading: this process dispatches")
-        requeued = await asyncio.to_thread(self.requeue_orphans)
-        if requeued:
-            log.info("re-queued %d runs left running by a previous dispatcher", requeued)
         try:
+            requeued = await self._retrying(self.requeue_orphans)
+            if requeued:
+                log.info("re-queued %d runs left running by a previous dispatcher", requeued)
+            failures = 0
             while not stop.is_set():
                 if not await asyncio.to_thread(self.leadership.still_held):
-                    raise RuntimeError("lost the dispatcher lock; stopping to avoid two leaders")
+                    log.error("lost the dispatcher lock: stopping the runs, then waiting to lead")
+                    return
                 try:
                     await self.tick()
+                    failures = 0
                 except Exception:
-                    log.exception("dispatcher tick failed; retrying")
+                    failures += 1
+                    log.exception("dispatcher tick failed (%d in a row); retrying", failures)
+                    await asyncio.sleep(min(0.5 * failures, MAX_BACKOFF_S))
                 await self._sleep(stop)
         finally:
+            self.leading = False
             await self.shutdown()
-            await asyncio.to_thread(self.leadership.release)
+            with contextlib.suppress(Exception):  # gone with the connection anyway
+                await asyncio.to_thread(self.leadership.release)
+
+    async def _retrying(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a thread, tried again after a backoff while the database is
+        unreachable (the error is transient: an operational or interface error)."""
+        delay = 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args)
+            except (OperationalError, InterfaceError) as exc:
+                log.warning("database unreachable (%s); retrying in %.1f s", exc.orig, delay)
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, MAX_BACKOFF_S)
 
     async def shutdown(self) -> None:
+        """Stop this dispatcher's runs and re-queue them (if the database answers; else the next
+        leader re-queues them as orphans)."""
         run_ids = list(self.active)
         for run_id in run_ids:
-            self._cancel(run_id)
+            with contextlib.suppress(Exception):  # a dead Ray or a finished task: nothing to stop
+                self._cancel(run_id)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.to_thread(self._requeue, run_ids)
+        self.active.clear()
+        self.requests.clear()
+        try:
+            await asyncio.to_thread(self._requeue, run_ids)
+        except Exception:
+            log.exception("could not re-queue %d runs; the next leader will", len(run_ids))

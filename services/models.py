@@ -106,6 +106,8 @@ class Run(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     # The resolved request (services.resources.ResourceRequest.as_dict()); {} = estimate it.
     resources: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    # Why a queued run fits no node of the cluster (the dispatcher skips it until one joins).
+    blocked_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class DispatcherRecord(Base):
@@ -158,6 +160,19 @@ class MetricChunk(Base):
     max_value: Mapped[float | None] = mapped_column(Double)
     step_array: Mapped[bytes] = mapped_column(LargeBinary)
     value_array: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class IdempotencyKey(Base):
+    """A creating request's ``Idempotency-Key``: the request's hash and the answer it got."""
+
+    __tablename__ = "idempotency_key"
+
+    scope: Mapped[str] = mapped_column(String(300), primary_key=True)  # route (and user)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)
+    response: Mapped[Any | None] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
 class Dataset(Base):

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
         gt=0,
         description="float64 bytes of a dataset's X and y (uploads also obey max_request_bytes)",
     )
+    idempotency_ttl_s: float = Field(
+        86_400, gt=0, description="how long an Idempotency-Key's answer is kept"
+    )
     stream_poll_s: float = Field(0.5, gt=0, description="how often a live stream polls")
     stream_ping_s: float = Field(15.0, gt=0, description="keep-alive comment period of streams")
 

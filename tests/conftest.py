@@ -80,8 +80,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     with engine.begin() as conn:
         conn.execute(
             text(
-                "TRUNCATE metric_chunk, run, sweep, metric_name, dataset, dispatcher"
-                " RESTART IDENTITY CASCADE"
+                "TRUNCATE metric_chunk, run, sweep, metric_name, dataset, dispatcher,"
+                " idempotency_key RESTART IDENTITY CASCADE"
             )
         )
     engine.dispose()

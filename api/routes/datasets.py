@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, once
 from api.problems import problem
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
@@ -90,12 +91,15 @@ async def create(
     db: SessionDep,
     settings: SettingsDep,
     name: Annotated[str | None, Query(max_length=200, description="for .npz uploads")] = None,
+    key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Upload X and y; they are validated, and near-parallel rows are reported."""
     body = await request.body()
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    content = f"{media_type}\n{name}\n".encode() + body
+    create = partial(_create, db, settings, media_type, name, body)
     try:
-        created = await run_in_threadpool(_create, db, settings, media_type, name, body)
+        created = await run_in_threadpool(once, db, request, key, content, create)
     except dataset_service.TooLarge as exc:
         return problem(413, "Request too large", str(exc))
     return Response(created.model_dump_json(), status_code=201, media_type="application/json")

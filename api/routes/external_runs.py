@@ -7,9 +7,9 @@ POST /runs/{id}/finish {"status": "succeeded"}    -> its final state
 
 from __future__ import annotations
 
-from fastapi import APIRouter, status
+from fastapi import APIRouter, BackgroundTasks, Request, status
 
-from api.deps import RunId, SessionDep, SettingsDep
+from api.deps import IdempotencyKeyHeader, RunId, SessionDep, SettingsDep, once, wake_dispatcher
 from api.schemas import RunPublic
 from services.external_runs import RunCreate, RunFinish, create_run, finish_run
 
@@ -17,9 +17,23 @@ router = APIRouter(prefix="/runs", tags=["runs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=RunPublic)
-def create(body: RunCreate, db: SessionDep, settings: SettingsDep) -> RunPublic:
+def create(
+    body: RunCreate,
+    db: SessionDep,
+    settings: SettingsDep,
+    request: Request,
+    background: BackgroundTasks,
+    key: IdempotencyKeyHeader = None,
+) -> RunPublic:
     """Create an external run (running at once, logged to over REST) or queue one run."""
-    return RunPublic.model_validate(create_run(db_session=db, body=body, settings=settings))
+
+    def created() -> RunPublic:
+        return RunPublic.model_validate(create_run(db_session=db, body=body, settings=settings))
+
+    answer = once(db, request, key, body.model_dump_json().encode(), created)
+    if not body.external:
+        background.add_task(wake_dispatcher, request)
+    return answer
 
 
 @router.post("/{run_id}/finish", response_model=RunPublic)

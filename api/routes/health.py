@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.problems import problem
-from services.cluster import leader
+from services.cluster import READY_TIMEOUT, leader
 
 router = APIRouter(tags=["health"])
 
@@ -18,19 +18,21 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses={503: {}})
 def readyz(request: Request) -> dict[str, str] | JSONResponse:
-    """The database answers, and Ray is connected when this process dispatches; also says
-    whether a dispatcher leads (from its heartbeat)."""
+    """Ready: the database answers, a dispatcher leads (its heartbeat is recent; in a split
+    deployment the API reads the dispatcher's heartbeat row), and Ray is connected when this
+    process dispatches. 503 otherwise: queued runs would not start."""
     try:
         with request.app.state.sessions() as session:
             session.execute(text("SELECT 1"))
+            leading = leader(db_session=session, within=READY_TIMEOUT)
     except Exception as exc:
         return problem(503, "Not ready", f"database unreachable: {type(exc).__name__}")
-    checks = {"database": "ok"}
-    with request.app.state.sessions() as session:
-        # Informational: the API accepts sweeps while no dispatcher leads (they stay queued).
-        checks["dispatcher"] = "ok" if leader(db_session=session) else "none"
+    if leading is None:
+        seconds = int(READY_TIMEOUT.total_seconds())
+        return problem(503, "Not ready", f"no dispatcher has led in the last {seconds} s")
+    checks = {"database": "ok", "dispatcher": "ok"}
     if request.app.state.settings.embedded_dispatcher:
         import ray
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
-from api.deps import SessionDep, SettingsDep, SweepId, wake_dispatcher
+from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, SweepId, once, wake_dispatcher
 from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.sweeps import SweepSpec, create_sweep, plan_sweep
@@ -22,6 +22,7 @@ def create(
     request: Request,
     background: BackgroundTasks,
     response: Response,
+    key: IdempotencyKeyHeader = None,
     dry_run: Annotated[
         bool, Query(description="validate and expand only: 200 with the runs, nothing stored")
     ] = False,
@@ -41,10 +42,17 @@ def create(
             for i, p in enumerate(planned)
         ]
         return SweepPlan(name=spec.name, run_count=len(runs), runs=runs)
-    sweep = create_sweep(db_session=db, spec=spec, settings=settings)
-    run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
+
+    def created() -> SweepCreated:
+        sweep = create_sweep(db_session=db, spec=spec, settings=settings)
+        run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
+        return SweepCreated(
+            id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids
+        )
+
+    answer = once(db, request, key, spec.model_dump_json().encode(), created)
     background.add_task(wake_dispatcher, request)  # runs after the answer, so after the commit
-    return SweepCreated(id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids)
+    return answer
 
 
 @router.get("", response_model=SweepsPublic)

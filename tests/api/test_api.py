@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.metrics import write_points
+from services.models import DispatcherRecord, utcnow
 
 QUICK = {
     "name": "t",
@@ -197,8 +200,21 @@ def test_oversized_body_is_413(client: TestClient) -> None:
     assert_problem(client.post("/api/v1/sweeps", json=huge), 413)
 
 
-def test_health_and_openapi(client: TestClient) -> None:
+def test_health_and_openapi(client: TestClient, db_url: str) -> None:
     assert client.get("/livez").json() == {"status": "ok"}
-    assert client.get("/readyz").json()["database"] == "ok"
+    # No dispatcher has led: queued runs would not start.
+    assert "no dispatcher" in assert_problem(client.get("/readyz"), 503)["detail"]
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        db.add(DispatcherRecord(id="d", host="h", pid=1, leader=True))
+    with session_scope(make_sessionmaker(engine)) as db:  # a leader that went silent
+        stale = utcnow() - timedelta(seconds=30)
+        db.execute(update(DispatcherRecord).values(heartbeat_at=stale))
+    assert client.get("/readyz").status_code == 503
+    with session_scope(make_sessionmaker(engine)) as db:
+        db.execute(update(DispatcherRecord).values(heartbeat_at=utcnow()))
+    engine.dispose()
+    ready = client.get("/readyz").json()
+    assert ready["database"] == "ok" and ready["dispatcher"] == "ok"
     spec = client.get("/api/v1/openapi.json").json()
     assert "/api/v1/sweeps" in spec["paths"] and "/api/v1/runs/{run_id}/metrics" in spec["paths"]
