@@ -60,6 +60,7 @@ class RunListed(Public):
     status: RunStatus
     attempt: int
     error: str | None
+    blocked_reason: str | None = None  # queued, but fits on no node of the cluster
     overrides: dict[str, Any]
     summary: dict[str, Any]
     cancel_requested: bool

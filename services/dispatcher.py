@@ -32,8 +32,15 @@ from services.leadership import Leadership
 from services.metrics import metric_ids, write_series
 from services.models import DispatcherRecord, MetricChunk, Run, utcnow
 from services.numbers import json_number
-from services.resources import ResourceRequest, ResourceSpec, resolve
-from services.runs import cancel_requested_ids, claim_runs, queued_runs, transition
+from services.resources import ResourceRequest, ResourceSpec, resolve, why_it_cannot_fit
+from services.runs import (
+    block_run,
+    cancel_requested_ids,
+    claim_runs,
+    queued_runs,
+    transition,
+    unblock_runs,
+)
 from services.settings import Settings
 from worker.config import RunConfig
 from worker.events import Event, MetricBatch, RunFinished, RunStarted
@@ -162,6 +169,7 @@ class Dispatcher:
         self._last_beat = -math.inf
         self._tasks: set[asyncio.Task[None]] = set()
         self._wake: asyncio.Event | None = None  # set when a slot frees or runs are queued
+        self._nodes: list[dict[str, float]] | None = None  # as the last claim saw them
 
     # -- Ray -------------------------------------------------------------------------------
 
@@ -235,15 +243,26 @@ class Dispatcher:
 
     # -- database (called in threads) ------------------------------------------------------
 
-    def _claim(self, free: dict[str, float], slots: int) -> list[Run]:
-        """Claim queued runs, oldest first, that fit in ``free`` (smaller ones backfill)."""
+    def _claim(
+        self, free: dict[str, float], slots: int, nodes: list[dict[str, float]]
+    ) -> list[Run]:
+        """Claim queued runs, oldest first, that fit in ``free`` (smaller ones backfill).
+
+        A run that fits on no node of the cluster is marked blocked, with the reason, and no
+        longer considered, so it never holds up the queue; when the nodes change every blocked
+        run is considered again (a node that fits may have joined).
+        """
         with session_scope(self.sessions) as db:
+            if nodes != self._nodes:
+                unblock_runs(db_session=db)
+                self._nodes = nodes
             chosen: list[int] = []
             for run in queued_runs(db_session=db, limit=64):
-                if len(chosen) >= slots:
-                    break
                 request = self.request_of(run)
-                if (
+                reason = why_it_cannot_fit(request, nodes)
+                if reason is not None:
+                    block_run(db_session=db, run_id=run.id, reason=reason)
+                elif len(chosen) < slots and (
                     request.cpus <= free["CPU"]
                     and request.gpus <= free["GPU"]
                     and request.memory_bytes <= free["memory"]
@@ -357,7 +376,8 @@ class Dispatcher:
         slots = (self.settings.max_concurrent_runs or 1 << 30) - len(self.active)
         if slots <= 0:
             return
-        for run in await asyncio.to_thread(self._claim, self.free_resources(totals), slots):
+        free = self.free_resources(totals)
+        for run in await asyncio.to_thread(self._claim, free, slots, nodes):
             self.requests[run.id] = self.request_of(run)
             try:
                 gen = self._submit(await asyncio.to_thread(self._prepare, run))

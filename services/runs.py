@@ -92,11 +92,28 @@ def transition(*, db_session: Session, run_id: int, expected: str, new: str, **f
 
 
 def queued_runs(*, db_session: Session, limit: int) -> list[Run]:
-    """The oldest ``limit`` queued runs, their config and manifest not loaded (the dispatcher
-    picks those that fit by their resources)."""
-    query = select(Run).where(Run.status == "queued").order_by(Run.id).limit(limit)
+    """The oldest ``limit`` queued runs not blocked, their config and manifest not loaded (the
+    dispatcher picks those that fit by their resources)."""
+    query = select(Run).where(Run.status == "queued", Run.blocked_reason.is_(None))
+    query = query.order_by(Run.id).limit(limit)
     query = query.options(defer(Run.config), defer(Run.manifest))
     return list(db_session.scalars(query))
+
+
+def block_run(*, db_session: Session, run_id: int, reason: str) -> None:
+    """Mark a queued run as fitting on no node (it waits until the nodes change)."""
+    db_session.execute(
+        update(Run).where(Run.id == run_id, Run.status == "queued").values(blocked_reason=reason)
+    )
+
+
+def unblock_runs(*, db_session: Session) -> None:
+    """Consider every blocked queued run again (the cluster's nodes changed)."""
+    db_session.execute(
+        update(Run)
+        .where(Run.status == "queued", Run.blocked_reason.is_not(None))
+        .values(blocked_reason=None)
+    )
 
 
 def claim_runs(*, db_session: Session, run_ids: Sequence[int]) -> list[Run]:

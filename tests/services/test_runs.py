@@ -74,3 +74,31 @@ def test_cancel_queued_is_immediate_running_is_flagged_final_is_conflict(session
         assert flagged.status == "running" and flagged.cancel_requested
         with pytest.raises(Conflict):
             request_cancel(db_session=db, run_id=b)
+
+
+def test_runs_that_fit_no_node_are_blocked_and_never_hold_up_the_queue(sessions) -> None:  # type: ignore[no-untyped-def]
+    """70 runs asking for 4 GPUs, queued before 3 small ones, on a cluster without GPUs: the
+    small ones start; the big ones say why they wait, and start once a GPU node joins."""
+    from services.dispatcher import Dispatcher
+
+    settings = Settings(database_url="sqlite://", embedded_dispatcher=False)
+    with session_scope(sessions) as db:
+        big = create_sweep(
+            db_session=db,
+            spec=SweepSpec(grid={"seed": list(range(70))}, resources={"gpus": 4}),
+            settings=settings,
+        ).id
+        small = make_sweep(db, 3)
+    dispatcher = Dispatcher(settings, sessions, submit=lambda launch: None)
+    cpu_node = [{"CPU": 2.0, "GPU": 0.0, "memory": 8e9}]
+    free = dict(cpu_node[0])
+    claimed = dispatcher._claim(free, 2, cpu_node) + dispatcher._claim(free, 2, cpu_node)
+    assert [run.id for run in claimed] == small[:2]
+    with session_scope(sessions) as db:
+        blocked = db.query(Run).filter(Run.sweep_id == big).all()
+        assert all(r.status == "queued" and "4 GPU" in (r.blocked_reason or "") for r in blocked)
+    gpu_node = [*cpu_node, {"CPU": 8.0, "GPU": 4.0, "memory": 64e9}]
+    claimed = dispatcher._claim(gpu_node[1], 1, gpu_node)
+    with session_scope(sessions) as db:
+        assert [r.sweep_id for r in db.query(Run).filter(Run.id == claimed[0].id)] == [big]
+        assert db.query(Run).filter(Run.blocked_reason.is_not(None)).count() == 0
