@@ -4,6 +4,7 @@ connects Ray and runs the dispatcher (one process: ``overparam serve``)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,7 @@ from api.routes import (
     sweeps,
 )
 from services.db import make_engine, make_sessionmaker
+from services.dialects import dialect_for_url
 from services.external_runs import MetricBatchIn
 from services.manifest import package_version
 from services.settings import Settings, get_settings
@@ -53,10 +55,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     stop = asyncio.Event()
     dispatcher_task = None
     owns_ray = False
+    held = contextlib.ExitStack()
     if settings.embedded_dispatcher:
         from services import migrate, ray_cluster
         from services.dispatcher import Dispatcher
 
+        # One embedded service per SQLite file: a second one would dispatch the same runs.
+        held.enter_context(
+            dialect_for_url(settings.database_url).service_lock(settings.database_url)
+        )
         await asyncio.to_thread(migrate.upgrade, settings.database_url)
         owns_ray = ray_cluster.connect(settings)
         dispatcher = app.state.dispatcher = Dispatcher(settings, app.state.sessions)
@@ -70,8 +77,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if owns_ray:
             from services import ray_cluster
 
-            ray_cluster.disconnect()
+            ray_cluster.disconnect(settings)
         engine.dispose()
+        held.close()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

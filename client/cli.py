@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
@@ -59,6 +60,7 @@ def serve(
     import logging
 
     import uvicorn
+    from sqlalchemy.engine import make_url
 
     from api.main import create_app
     from services.settings import get_settings
@@ -66,16 +68,34 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    sock = listening_socket(host, port)  # before the database or Ray: a taken port stops here
     settings = get_settings()
     command, hint = invocation()
+    database = make_url(settings.database_url).render_as_string(hide_password=True)
     console.print(
         f"[bold]overparam[/bold] listening on http://{host}:{port}  "
-        f"(database {settings.database_url}, "
+        f"(database {database}, "
         f"Ray {settings.ray_address or 'local'}, API docs at http://{host}:{port}/docs)\n"
         f"Submit the example from another terminal: {command} submit "
         f"examples/quickstart.yaml --url http://{host}:{port}" + (f"\n({hint})" if hint else "")
     )
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    config = uvicorn.Config(create_app(settings), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port), or a clear error and exit code 1."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        console.print(f"[red]error:[/red] cannot listen on {host}:{port}: {exc.strerror}")
+        console.print("(is another overparam already running? --port chooses another port)")
+        raise typer.Exit(1) from exc
+    return sock
 
 
 @app.command()

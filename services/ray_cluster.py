@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import signal
 import threading
+from pathlib import Path
 
 from services.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 def connect(settings: Settings) -> bool:
     """``ray.init`` for ``settings``; True if this call started the connection (and owns it).
 
     ``ray.init`` replaces the process's SIGTERM/SIGINT handlers; the server's own are put back so
-    uvicorn still shuts down gracefully (and the dispatcher re-queues its runs).
+    uvicorn still shuts down gracefully (and the dispatcher re-queues its runs). A local Ray
+    binds to loopback only; its processes are recorded in ``<data_dir>/ray-processes.json`` so
+    that those a killed service left behind (Ray's agents outlive a SIGKILLed driver) are
+    stopped at the next start.
     """
     import ray
 
@@ -25,13 +34,51 @@ def connect(settings: Settings) -> bool:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=False)
     else:
-        ray.init(num_cpus=settings.ray_num_cpus, include_dashboard=False, log_to_driver=False)
+        record = settings.data_dir / "ray-processes.json"
+        stop_leftovers(record)
+        ray.init(
+            num_cpus=settings.ray_num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
+        remember_processes(record)
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     return True
 
 
-def disconnect() -> None:
+def disconnect(settings: Settings | None = None) -> None:
     import ray
 
     ray.shutdown()
+    if settings is not None and not settings.ray_address:
+        (settings.data_dir / "ray-processes.json").unlink(missing_ok=True)
+
+
+def remember_processes(record: Path) -> None:
+    """Write the pid and start time of every process this one started (Ray's, now)."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps([[p.pid, p.create_time()] for p in children]))
+
+
+def stop_leftovers(record: Path) -> None:
+    """Kill the recorded processes of a previous local Ray that still run (same pid and start
+    time: never a process that merely reused a pid)."""
+    import psutil
+
+    if not record.exists():
+        return
+    with contextlib.suppress(ValueError, OSError):
+        for pid, started in json.loads(record.read_text()):
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if abs(process.create_time() - started) < 1e-3:
+                    log.warning(
+                        "stopping %s (pid %d), left by a service that died", process.name(), pid
+                    )
+                    process.kill()
+    record.unlink(missing_ok=True)

@@ -4,11 +4,13 @@ Prefect's ``query_components``): one module per database, everything else dialec
 - :class:`Dialect.create_engine`: connection set-up (SQLite pragmas; PostgreSQL's pool ping).
 - :meth:`Dialect.insert`: an ``INSERT`` that supports ``on_conflict_do_nothing``.
 - :meth:`Dialect.claimable`: the row lock a claim of queued runs takes (``SKIP LOCKED``).
+- :meth:`Dialect.service_lock`: one embedded service per SQLite file.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, Table
@@ -35,6 +37,16 @@ class Dialect(ABC):
     def claimable(self, query: Select[Any]) -> Select[Any]:
         """``query`` locking the rows it returns against other claimers, if the database can."""
         return query
+
+    def service_lock(self, url: str) -> AbstractContextManager[None]:
+        """Held while an embedded service (API + dispatcher) runs on ``url``; raises
+        :class:`ServiceRunning` if another one holds it. PostgreSQL needs none: several
+        dispatchers may run there, one leads."""
+        return nullcontext()
+
+
+class ServiceRunning(RuntimeError):
+    """Another service already runs on this database."""
 
 
 def dialect_for_url(url: str) -> Dialect:
