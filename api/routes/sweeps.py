@@ -6,10 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
+from api.auth import CurrentUser, limited
 from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, SweepId, once, wake_dispatcher
 from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.sweeps import SweepSpec, create_sweep, plan_sweep
+from services.users import audit
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
@@ -22,6 +24,7 @@ def create(
     request: Request,
     background: BackgroundTasks,
     response: Response,
+    user: CurrentUser,
     key: IdempotencyKeyHeader = None,
     dry_run: Annotated[
         bool, Query(description="validate and expand only: 200 with the runs, nothing stored")
@@ -44,7 +47,9 @@ def create(
         return SweepPlan(name=spec.name, run_count=len(runs), runs=runs)
 
     def created() -> SweepCreated:
-        sweep = create_sweep(db_session=db, spec=spec, settings=settings)
+        sweep = create_sweep(db_session=db, spec=spec, settings=settings, owner_id=user.id)
+        limited(db, user, "max_active_runs", sweep.run_count, settings)
+        audit(db_session=db, user=user, action="create_sweep", target=f"sweep:{sweep.id}")
         run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
         return SweepCreated(
             id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids
