@@ -65,7 +65,6 @@ def serve(
     import logging
 
     import uvicorn
-    from sqlalchemy.engine import make_url
 
     from api.main import create_app
     from services.settings import get_settings
@@ -75,17 +74,27 @@ def serve(
     )
     sock = listening_socket(host, port)  # before the database or Ray: a taken port stops here
     settings = get_settings()
+    if settings.auth == "auto":  # the laptop needs no token; anything reachable from outside does
+        loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+        settings = settings.model_copy(update={"auth": "off" if loopback else "required"})
+    console.print(banner(settings, host, port))
+    config = uvicorn.Config(create_app(settings), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def banner(settings: Any, host: str, port: int) -> str:
+    """What ``serve`` says when it starts (never a password)."""
+    from sqlalchemy.engine import make_url
+
     command, hint = invocation()
     database = make_url(settings.database_url).render_as_string(hide_password=True)
-    console.print(
+    return (
         f"[bold]overparam[/bold] listening on http://{host}:{port}  "
-        f"(database {database}, "
-        f"Ray {settings.ray_address or 'local'}, API docs at http://{host}:{port}/docs)\n"
+        f"(database {database}, Ray {settings.ray_address or 'local'}, "
+        f"API tokens {settings.auth}, API docs at http://{host}:{port}/docs)\n"
         f"Submit the example from another terminal: {command} submit "
         f"examples/quickstart.yaml --url http://{host}:{port}" + (f"\n({hint})" if hint else "")
     )
-    config = uvicorn.Config(create_app(settings), log_level="info")
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
