@@ -342,7 +342,7 @@ def test_a_lab_dashboard_asks_for_a_token_and_filters_by_owner(
             api.headers["authorization"] = f"Bearer {token}"
             sweeps[name] = create_sweep(api, SPEC | {"name": f"{name}'s sweep"})[0]
         browser.goto(f"{url}/dashboard")
-        browser.wait_for("!document.getElementById('login').hidden")
+        browser.wait_for("document.getElementById('login')?.hidden === false")
         assert (
             browser.evaluate("document.querySelectorAll('#sweeps li[data-sweep-id]').length") == 0
         )
