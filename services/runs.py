@@ -23,9 +23,19 @@ def get_sweep(*, db_session: Session, sweep_id: int) -> Sweep:
     return sweep
 
 
-def list_sweeps(*, db_session: Session, limit: int, offset: int) -> tuple[Sequence[Sweep], int]:
-    total = db_session.scalar(select(func.count()).select_from(Sweep)) or 0
-    rows = db_session.scalars(select(Sweep).order_by(Sweep.id.desc()).limit(limit).offset(offset))
+def owned_by(column: Any, owner: str) -> Any:
+    """``column`` (an owner id) is the id of the user named ``owner``."""
+    return column == select(User.id).where(User.name == owner).scalar_subquery()
+
+
+def list_sweeps(
+    *, db_session: Session, limit: int, offset: int, owner: str | None = None
+) -> tuple[Sequence[Sweep], int]:
+    query = select(Sweep)
+    if owner is not None:
+        query = query.where(owned_by(Sweep.owner_id, owner))
+    total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = db_session.scalars(query.order_by(Sweep.id.desc()).limit(limit).offset(offset))
     return rows.all(), total
 
 
@@ -74,9 +84,7 @@ def list_runs(
     if external is not None:
         query = query.where(Run.external.is_(external))
     if owner is not None:
-        query = query.where(
-            Run.owner_id == select(User.id).where(User.name == owner).scalar_subquery()
-        )
+        query = query.where(owned_by(Run.owner_id, owner))
     total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = db_session.scalars(query.order_by(Run.id).limit(limit).offset(offset))
     return rows.all(), total

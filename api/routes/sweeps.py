@@ -65,9 +65,10 @@ def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    owner: Annotated[str | None, Query(max_length=64, description="a user's name")] = None,
 ) -> SweepsPublic:
     """Sweeps, newest first, with the number of their runs in each state."""
-    sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset)
+    sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset, owner=owner)
     counts = run_service.status_counts(db_session=db, sweep_ids=[s.id for s in sweeps])
     data = [
         SweepPublic.model_validate(s).model_copy(update={"status_counts": counts[s.id]})

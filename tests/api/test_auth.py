@@ -307,3 +307,8 @@ def test_runs_are_owned_and_filtered_by_owner(lab: Lab) -> None:
     assert len(set(owners)) == 2
     listed = lab.client.get(f"{V1}/runs", headers=lab.as_("bob")).json()["data"]
     assert {r["owner"] for r in listed} == {"alice", "bob"}
+    for path in ("/runs", "/sweeps"):
+        mine = lab.client.get(f"{V1}{path}?owner=bob", headers=lab.as_("alice")).json()
+        assert mine["count"] >= 1 and {r["owner"] for r in mine["data"]} == {"bob"}, path
+        nobody = lab.client.get(f"{V1}{path}?owner=carol", headers=lab.as_("alice")).json()
+        assert nobody == {"data": [], "count": 0}, path
