@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from services.settings import Settings
+from tests.conftest import make_settings
 from tests.worker.reference import jacobian_grams, network_params
 from worker.config import RunConfig
 from worker.data import make_dataset
@@ -33,7 +34,7 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 
 @pytest.fixture
 def service(ray_cluster: None, db_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=db_url, embedded_dispatcher=True, poll_interval_s=0.1)
+    settings = make_settings(db_url, embedded_dispatcher=True, poll_interval_s=0.1)
     with TestClient(create_app(settings)) as client:
         yield client
 
