@@ -92,10 +92,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def make_settings(database_url: str, **overrides: object) -> Settings:
     """Settings of a test app: no embedded dispatcher, authentication off and any Host (the
     tests of those set them)."""
-    defaults: dict[str, object] = {"auth": "off", "allowed_hosts": ["*"]}
-    return Settings(  # type: ignore[arg-type]
-        database_url=database_url, embedded_dispatcher=False, **(defaults | overrides)
-    )
+    defaults: dict[str, object] = {
+        "embedded_dispatcher": False,
+        "auth": "off",
+        "allowed_hosts": ["*"],
+    }
+    return Settings(database_url=database_url, **(defaults | overrides))  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -62,7 +62,10 @@ def all_points(client: TestClient, run_id: int) -> list[dict[str, Any]]:
 
 
 def test_sweep_runs_to_completion_with_every_metric(service: TestClient) -> None:
-    assert service.get("/readyz").json()["ray"] == "ok"
+    deadline = time.monotonic() + 60  # ready once the dispatcher's first heartbeat is in
+    while (ready := service.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.json()["ray"] == "ok", ready.text
     created = service.post("/api/v1/sweeps", json=SPEC).json()
     assert created["run_count"] == 8
     runs = wait_final(service, created["id"])

@@ -202,6 +202,12 @@ def finished(api: httpx.Client, sweep_id: int) -> list[dict[str, Any]]:
     return runs_of(api, sweep_id)
 
 
+def training_task(pid: int) -> bool:
+    """A Ray worker process running a run (Ray titles it after the task, padded)."""
+    title = cmdline(pid)[0].strip()
+    return title.startswith("ray::") and title.endswith("run_training")
+
+
 def leader(topo: Topology) -> str:
     engine = create_engine(topo.addresses.database_url)
     try:
@@ -222,7 +228,7 @@ def test_a_killed_ray_worker_process(stack) -> None:  # type: ignore[no-untyped-
     with topo.client() as api:
         sweep = submit(api, "worker", [0, 1])
         wait(api, lambda: past_a_checkpoint(api, sweep), "a run past a checkpoint")
-        training = [p for p in marked(f"{topo.id}/") if cmdline(p)[0] == "ray::run_training"]
+        training = [p for p in marked(f"{topo.id}/") if training_task(p)]
         assert training, topo.report()
         sigkill(training[:1])
         runs = finished(api, sweep)
