@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from anyio import CapacityLimiter, to_thread
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 
 from api import problems
+from api.auth import Limiter, current_user
 from api.limits import BodySizeLimit
 from api.routes import (
     analysis,
@@ -26,13 +28,15 @@ from api.routes import (
     runs,
     streams,
     sweeps,
+    users,
 )
-from services.db import make_engine, make_sessionmaker
+from services.db import make_engine, make_sessionmaker, session_scope
 from services.dialects import dialect_for_url
 from services.external_runs import MetricBatchIn
 from services.manifest import package_version
 from services.settings import Settings, get_settings
 from services.streams import Hub
+from services.users import Caller, admins, local_user
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             dialect_for_url(settings.database_url).service_lock(settings.database_url)
         )
         await asyncio.to_thread(migrate.upgrade, settings.database_url)
+    app.state.local_user = await asyncio.to_thread(_who_is_served, app)
+    if settings.embedded_dispatcher:
         owns_ray = ray_cluster.connect(settings)
         dispatcher = app.state.dispatcher = Dispatcher(settings, app.state.sessions)
         dispatcher_task = asyncio.create_task(dispatcher.run(stop), name="dispatcher")
@@ -82,6 +88,19 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         held.close()
 
 
+def _who_is_served(app: FastAPI) -> Caller:
+    """The built-in local user; with authentication required, refuses to start without an
+    admin (nobody could make the first user)."""
+    with session_scope(app.state.sessions) as db:
+        local = Caller.of(local_user(db_session=db))
+        if app.state.auth == "required" and not admins(db_session=db):
+            raise RuntimeError(
+                "authentication is required (OVERPARAM_AUTH) but there is no admin yet: make "
+                "one with `overparam admin create-user NAME --admin` (it prints a token)"
+            )
+    return local
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -93,15 +112,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url="/docs",
     )
     app.state.settings = settings
+    app.state.auth = "off" if settings.auth == "off" else "required"
+    app.state.limiter = Limiter(settings.rate_limit)
+    if settings.cors_origins:  # closed unless configured
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+        )
     # Our own limit, not FastAPI's max_body_size: that one answers 413 in text/plain.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
-    v1 = APIRouter(prefix="/api/v1")
+    v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(current_user)])
     v1.include_router(sweeps.router)
     v1.include_router(runs.router)
     for router in (external_runs, metrics, streams, datasets):
         v1.include_router(router.router)
     v1.include_router(analysis.router)
+    v1.include_router(users.router)
     app.include_router(v1)
     app.include_router(health.router)
     app.include_router(dashboard.router)

@@ -11,8 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.auth import BadHost, RateLimited, WrongMediaType
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.idempotency import Replay
+from services.users import Forbidden, QuotaExceeded, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,24 @@ def known_problem(exc: Exception) -> JSONResponse | None:
         return problem(404, "Not found", str(exc))
     if isinstance(exc, Conflict):
         return problem(409, "Conflict", str(exc))
+    if isinstance(exc, Unauthenticated):
+        response = problem(401, "Unauthorized", str(exc))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+    if isinstance(exc, QuotaExceeded):
+        return problem(
+            403, "Quota exceeded", str(exc), quota=exc.quota, limit=exc.limit, used=exc.used
+        )
+    if isinstance(exc, Forbidden):
+        return problem(403, "Forbidden", str(exc))
+    if isinstance(exc, RateLimited):
+        response = problem(429, "Too many requests", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    if isinstance(exc, BadHost):
+        return problem(400, "Bad host", str(exc))
+    if isinstance(exc, WrongMediaType):
+        return problem(415, "Unsupported media type", str(exc))
     return None
 
 
@@ -69,7 +89,18 @@ def install(app: FastAPI) -> None:
         assert response is not None
         return response
 
-    for kind in (RequestValidationError, SpecError, NotFound, Conflict):
+    for kind in (
+        RequestValidationError,
+        SpecError,
+        NotFound,
+        Conflict,
+        Unauthenticated,
+        Forbidden,
+        QuotaExceeded,
+        RateLimited,
+        BadHost,
+        WrongMediaType,
+    ):
         app.add_exception_handler(kind, _known)
 
     @app.exception_handler(StarletteHTTPException)

@@ -16,6 +16,8 @@ class Public(BaseModel):
 
 class SweepPublic(Public):
     id: int
+    owner: str | None = None
+    priority: int = 0
     name: str
     spec: dict[str, Any]
     run_count: int
@@ -54,6 +56,7 @@ class RunListed(Public):
     """A run in a list: everything but its config and manifest (``?fields=`` adds them)."""
 
     id: int
+    owner: str | None = None
     sweep_id: int | None
     external: bool
     index: int

@@ -140,7 +140,11 @@ def serve_ours(database_url: str) -> contextlib.AbstractContextManager[str]:
     port = free_port()
     command = [sys.executable, "-m", "uvicorn", "--factory", "api.main:create_app"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
-    env = {"OVERPARAM_DATABASE_URL": database_url, "OVERPARAM_EMBEDDED_DISPATCHER": "false"}
+    env = {
+        "OVERPARAM_DATABASE_URL": database_url,
+        "OVERPARAM_EMBEDDED_DISPATCHER": "false",
+        "OVERPARAM_AUTH": "off",  # the laptop's service, as MLflow's (no auth)
+    }
     return serving(command, env | {"PYTHONPATH": str(ROOT)}, port, "/livez")
 
 

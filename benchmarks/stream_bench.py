@@ -58,6 +58,7 @@ def serve_embedded(database_url: str, data_dir: str) -> AbstractContextManager[s
         "OVERPARAM_DATA_DIR": data_dir,
         "OVERPARAM_CHECKPOINT_DIR": f"{data_dir}/checkpoints",
         "OVERPARAM_RAY_NUM_CPUS": "2",
+        "OVERPARAM_AUTH": "off",
         "PYTHONPATH": str(ROOT),
     }
     return serving(command, env, port, "/readyz")

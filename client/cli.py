@@ -9,19 +9,24 @@ import shutil
 import socket
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from client import reports
-from client.client import DEFAULT_URL, OverparamClient, OverparamError, load_spec
+from client.client import DEFAULT_URL, OverparamClient, OverparamError, load_spec, save_token
 from client.tables import Column, fitted_table, number
 
 app = typer.Typer(help="overparam: over-parameterization sweeps on Ray.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+admin_app = typer.Typer(
+    help="Users and tokens, on the service's database (run where the service runs).",
+    no_args_is_help=True,
+)
+app.add_typer(admin_app, name="admin")
 console = Console()
 
 UrlOption = Annotated[str, typer.Option("--url", envvar="OVERPARAM_URL", help="service base URL")]
@@ -60,7 +65,6 @@ def serve(
     import logging
 
     import uvicorn
-    from sqlalchemy.engine import make_url
 
     from api.main import create_app
     from services.settings import get_settings
@@ -70,17 +74,27 @@ def serve(
     )
     sock = listening_socket(host, port)  # before the database or Ray: a taken port stops here
     settings = get_settings()
+    if settings.auth == "auto":  # the laptop needs no token; anything reachable from outside does
+        loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
+        settings = settings.model_copy(update={"auth": "off" if loopback else "required"})
+    console.print(banner(settings, host, port))
+    config = uvicorn.Config(create_app(settings), log_level="info")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def banner(settings: Any, host: str, port: int) -> str:
+    """What ``serve`` says when it starts (never a password)."""
+    from sqlalchemy.engine import make_url
+
     command, hint = invocation()
     database = make_url(settings.database_url).render_as_string(hide_password=True)
-    console.print(
+    return (
         f"[bold]overparam[/bold] listening on http://{host}:{port}  "
-        f"(database {database}, "
-        f"Ray {settings.ray_address or 'local'}, API docs at http://{host}:{port}/docs)\n"
+        f"(database {database}, Ray {settings.ray_address or 'local'}, "
+        f"API tokens {settings.auth}, API docs at http://{host}:{port}/docs)\n"
         f"Submit the example from another terminal: {command} submit "
         f"examples/quickstart.yaml --url http://{host}:{port}" + (f"\n({hint})" if hint else "")
     )
-    config = uvicorn.Config(create_app(settings), log_level="info")
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -129,6 +143,81 @@ def dispatch() -> None:
             ray_cluster.disconnect()
 
     asyncio.run(main())
+
+
+@app.command()
+def login(
+    url: UrlOption = DEFAULT_URL,
+    token: Annotated[
+        str | None, typer.Option(help="the API token (default: asked, not echoed)")
+    ] = None,
+) -> None:
+    """Check an API token against the service at --url and keep it for later commands (in
+    ~/.config/overparam/credentials.json, readable by you only)."""
+    token = token or typer.prompt("API token", hide_input=True)
+    try:
+        with OverparamClient(url, token=token) as client:
+            who = client.me()
+    except OverparamError as exc:
+        _fail(exc)
+    path = save_token(url, token)
+    console.print(
+        f"logged in to {url} as [bold]{who['name']}[/bold] ({who['role']}); token in {path}"
+    )
+
+
+@admin_app.command("create-user")
+def admin_create_user(
+    name: Annotated[str, typer.Argument(help="lower-case letters, digits, _ . -")],
+    admin: Annotated[
+        bool, typer.Option("--admin", help="an admin (manages users, quotas)")
+    ] = False,
+) -> None:
+    """Make a user and print a first API token (shown once: keep it)."""
+    token = _on_database(lambda db: _create_user(db, name, "admin" if admin else "member"))
+    console.print(f"user {name} ({'admin' if admin else 'member'}); API token (shown once):")
+    console.print(token, soft_wrap=True)
+
+
+@admin_app.command("create-token")
+def admin_create_token(
+    name: Annotated[str, typer.Argument(help="the user's name")],
+    label: Annotated[str, typer.Option(help="what the token is for")] = "cli",
+) -> None:
+    """Print a new API token for a user (shown once: keep it)."""
+    from services import users
+
+    def make(db: Any) -> str:
+        return users.create_token(
+            db_session=db, user=users.get_user(db_session=db, name=name), name=label
+        )
+
+    console.print(_on_database(make), soft_wrap=True)
+
+
+def _create_user(db: Any, name: str, role: str) -> str:
+    from services import users
+
+    return users.create_user(db_session=db, name=name, role=role)[1]
+
+
+def _on_database(work: Any) -> Any:
+    """``work(session)`` in one committed transaction on OVERPARAM_DATABASE_URL (migrated)."""
+    from services import migrate
+    from services.db import make_engine, make_sessionmaker, session_scope
+    from services.errors import Conflict, NotFound, SpecError
+    from services.settings import get_settings
+
+    url = get_settings().database_url
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    try:
+        with session_scope(make_sessionmaker(engine)) as db:
+            return work(db)
+    except (SpecError, Conflict, NotFound) as exc:
+        _fail(exc)
+    finally:
+        engine.dispose()
 
 
 @db_app.command("upgrade")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,9 +155,50 @@ def parse_sse(lines: Iterable[str]) -> Iterator[ServerEvent]:
             event_id = value
 
 
+def credentials_file() -> Path:
+    """Where ``overparam login`` keeps tokens, one per service URL (mode 0600)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "overparam" / "credentials.json"
+
+
+def saved_token(base_url: str) -> str | None:
+    """The token ``overparam login`` saved for ``base_url``, if any."""
+    try:
+        saved = json.loads(credentials_file().read_text())
+    except (OSError, ValueError):
+        return None
+    token = saved.get(base_url.rstrip("/"))
+    return token if isinstance(token, str) else None
+
+
+def save_token(base_url: str, token: str) -> Path:
+    """Keep ``token`` for ``base_url``, readable by this user only."""
+    path = credentials_file()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    saved[base_url.rstrip("/")] = token
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(saved, out, indent=2)
+    os.chmod(path, 0o600)
+    return path
+
+
 class OverparamClient:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 30.0) -> None:
-        self.http = httpx.Client(base_url=base_url.rstrip("/") + "/api/v1", timeout=timeout)
+    """``token``: an API token (default: ``OVERPARAM_TOKEN``, else the one ``overparam login``
+    saved for ``base_url``; none is needed by a service on a laptop)."""
+
+    def __init__(
+        self, base_url: str = DEFAULT_URL, timeout: float = 30.0, token: str | None = None
+    ) -> None:
+        token = token or os.environ.get("OVERPARAM_TOKEN") or saved_token(base_url)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/") + "/api/v1", timeout=timeout, headers=headers
+        )
 
     def __enter__(self) -> OverparamClient:
         return self
@@ -172,6 +214,10 @@ class OverparamClient:
         if response.is_error:
             self._raise(response)
         return response.json()
+
+    def me(self) -> dict[str, Any]:
+        """The user this client's token belongs to (the local user on a laptop)."""
+        return self._call("GET", "/me")
 
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._call("POST", "/sweeps", json=spec)

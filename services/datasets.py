@@ -209,9 +209,12 @@ def checksum(X: np.ndarray, y: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def create_dataset(*, db_session: Session, name: str, arrays: Arrays) -> Dataset:
+def create_dataset(
+    *, db_session: Session, name: str, arrays: Arrays, owner_id: int | None = None
+) -> Dataset:
     X, y = arrays.X, arrays.y
     dataset = Dataset(
+        owner_id=owner_id,
         name=name,
         n=X.shape[0],
         d=X.shape[1],

@@ -30,7 +30,7 @@ from services.datasets import load_arrays
 from services.db import session_scope
 from services.leadership import Leadership
 from services.metrics import metric_ids, write_series
-from services.models import DispatcherRecord, MetricChunk, Run, utcnow
+from services.models import DispatcherRecord, MetricChunk, Run, User, utcnow
 from services.numbers import json_number
 from services.resources import ResourceRequest, ResourceSpec, resolve, why_it_cannot_fit
 from services.runs import (
@@ -38,10 +38,12 @@ from services.runs import (
     cancel_requested_ids,
     claim_runs,
     queued_runs,
+    running_by_owner,
     transition,
     unblock_runs,
 )
 from services.settings import Settings
+from services.users import Caller, quota
 from worker.config import RunConfig
 from worker.events import Event, MetricBatch, RunFinished, RunStarted
 from worker.metric_names import LAMBDA_MIN, LOSS
@@ -150,6 +152,48 @@ def describe_exception(exc: BaseException) -> str:
     return f"{type(cause).__name__}: {message[-1] if message else ''}".strip()
 
 
+def fits(request: ResourceRequest, free: dict[str, float]) -> bool:
+    return (
+        request.cpus <= free["CPU"]
+        and request.gpus <= free["GPU"]
+        and request.memory_bytes <= free["memory"]
+    )
+
+
+class FairShare:
+    """The order in which owners' queued runs get slots: by running runs per share, then
+    priority and age; and each owner's cap on running runs (``max_running_runs``)."""
+
+    def __init__(self, db: Session, settings: Settings) -> None:
+        self.running = running_by_owner(db_session=db)
+        users = list(db.scalars(select(User)))
+        self.share: dict[int | None, float] = {u.id: max(u.share, 1e-9) for u in users}
+        self.cap: dict[int | None, float] = {
+            u.id: quota(Caller.of(u), "max_running_runs", settings) for u in users
+        }
+
+    def order(self, candidates: list[Run]) -> list[Run]:
+        """Round robin by load: the owner with the fewest running runs for their share next."""
+        queues: dict[int | None, list[Run]] = {}
+        for run in candidates:  # each owner's queue is by priority, then age, already
+            queues.setdefault(run.owner_id, []).append(run)
+        load = {owner: self.running.get(owner, 0) for owner in queues}
+        out: list[Run] = []
+        while queues:
+            owner = min(queues, key=lambda o: (load[o] / self.share.get(o, 1.0), o or 0))
+            out.append(queues[owner].pop(0))
+            load[owner] += 1
+            if not queues[owner]:
+                del queues[owner]
+        return out
+
+    def may_start(self, run: Run) -> bool:
+        return self.running.get(run.owner_id, 0) < self.cap.get(run.owner_id, float("inf"))
+
+    def started(self, run: Run) -> None:
+        self.running[run.owner_id] = self.running.get(run.owner_id, 0) + 1
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -246,28 +290,28 @@ class Dispatcher:
     def _claim(
         self, free: dict[str, float], slots: int, nodes: list[dict[str, float]]
     ) -> list[Run]:
-        """Claim queued runs, oldest first, that fit in ``free`` (smaller ones backfill).
+        """Claim queued runs that fit in ``free``, sharing the slots fairly between owners.
 
-        A run that fits on no node of the cluster is marked blocked, with the reason, and no
-        longer considered, so it never holds up the queue; when the nodes change every blocked
-        run is considered again (a node that fits may have joined).
+        Each turn goes to the owner with the fewest running runs for their share (then their
+        highest priority, oldest run), so a big sweep never starves a colleague's small one;
+        runs that do not fit what is free are passed over (smaller ones backfill). A run that
+        fits on no node of the cluster is marked blocked, with the reason, and no longer
+        considered; when the nodes change every blocked run is considered again.
         """
         with session_scope(self.sessions) as db:
             if nodes != self._nodes:
                 unblock_runs(db_session=db)
                 self._nodes = nodes
+            fair = FairShare(db, self.settings)
             chosen: list[int] = []
-            for run in queued_runs(db_session=db, limit=64):
+            for run in fair.order(queued_runs(db_session=db, limit=64)):
                 request = self.request_of(run)
                 reason = why_it_cannot_fit(request, nodes)
                 if reason is not None:
                     block_run(db_session=db, run_id=run.id, reason=reason)
-                elif len(chosen) < slots and (
-                    request.cpus <= free["CPU"]
-                    and request.gpus <= free["GPU"]
-                    and request.memory_bytes <= free["memory"]
-                ):
+                elif len(chosen) < slots and fair.may_start(run) and fits(request, free):
                     chosen.append(run.id)
+                    fair.started(run)
                     free = {
                         "CPU": free["CPU"] - request.cpus,
                         "GPU": free["GPU"] - request.gpus,
@@ -288,7 +332,7 @@ class Dispatcher:
                     "torch_version": event.torch_version,
                 }
             elif isinstance(event, MetricBatch):
-                write_series(db_session=db, run_id=run_id, series=event.series)
+                run.points += write_series(db_session=db, run_id=run_id, series=event.series)
                 progress.observe(event.series)
             elif isinstance(event, RunFinished):
                 progress.wall_time_s = event.wall_time_s

@@ -28,6 +28,7 @@ from services.numbers import JsonNumber, json_safe
 from services.runs import get_run, transition
 from services.settings import Settings
 from services.sweeps import SweepSpec, create_sweep
+from services.users import Forbidden
 
 
 class RunCreate(BaseModel):
@@ -173,7 +174,9 @@ def _json_size(field: str, value: Any, settings: Settings) -> list[FieldError]:
     ]
 
 
-def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> Run:
+def create_run(
+    *, db_session: Session, body: RunCreate, settings: Settings, owner_id: int | None = None
+) -> Run:
     """An external run (``running`` at once), or a queued one (a sweep of one run)."""
     if not body.external:
         try:
@@ -181,6 +184,7 @@ def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> R
                 db_session=db_session,
                 spec=SweepSpec(name=body.name, base=body.config),
                 settings=settings,
+                owner_id=owner_id,
             )
         except SpecError as exc:  # the sweep calls the config "base"
             raise SpecError(
@@ -196,6 +200,7 @@ def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> R
     now = utcnow()
     config = json_safe(body.config)
     run = Run(
+        owner_id=owner_id,
         sweep_id=None,
         index=0,
         config=config,
@@ -214,30 +219,43 @@ def create_run(*, db_session: Session, body: RunCreate, settings: Settings) -> R
     return run
 
 
-def log_batch(*, db_session: Session, run_id: int, series: Series) -> int:
+def log_batch(
+    *, db_session: Session, run_id: int, series: Series, owner_id: int | None = None
+) -> int:
     """Store a batch of an external, running run in the caller's transaction; how many points
     were new.
 
     The run's row is locked first (an UPDATE of its heartbeat that only matches a running
-    external run), so batches of one run take turns and a finish waits for them: a batch racing
-    with the finish is stored before it or refused, never after.
+    external run, of ``owner_id`` if given), so batches of one run take turns and a finish
+    waits for them: a batch racing with the finish is stored before it or refused, never after.
+    The run's count of stored points grows by the new ones.
     """
     now = utcnow()
+    mine = [] if owner_id is None else [Run.owner_id == owner_id]
     locked = db_session.execute(
         update(Run)
-        .where(Run.id == run_id, Run.external.is_(True), Run.status == "running")
+        .where(Run.id == run_id, Run.external.is_(True), Run.status == "running", *mine)
         .values(heartbeat_at=now)
         .returning(Run.id)
         .execution_options(synchronize_session=False)
     ).first()
     if locked is None:
         run = get_run(db_session=db_session, run_id=run_id)
+        if owner_id is not None and run.owner_id != owner_id:
+            raise Forbidden(f"run {run_id} belongs to another user: only its owner may log to it")
         if not run.external:
             raise Conflict(
                 f"run {run_id} is trained on the cluster: only the dispatcher writes its metrics"
             )
         raise Conflict(f"run {run_id} is already {run.status}: it takes no more metrics")
-    return write_series(db_session=db_session, run_id=run_id, series=series)
+    new = write_series(db_session=db_session, run_id=run_id, series=series)
+    db_session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(points=Run.points + new)
+        .execution_options(synchronize_session=False)
+    )
+    return new
 
 
 def finish_run(*, db_session: Session, run_id: int, body: RunFinish, settings: Settings) -> Run:

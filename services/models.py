@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -69,17 +69,84 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-class Sweep(Base):
+USER_ROLES = ("admin", "member")
+LOCAL_USER = "local"  # owns everything while authentication is off (the laptop default)
+
+
+class User(Base):
+    """A member of the lab. ``quotas`` overrides the settings' defaults for this user (admins
+    set it); ``share`` weighs the user's part of the cluster's slots (fair share)."""
+
+    __tablename__ = "lab_user"
+    __table_args__ = (CheckConstraint(f"role IN {USER_ROLES!r}", name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16), default="member")
+    quotas: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    share: Mapped[float] = mapped_column(Double, default=1.0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class ApiToken(Base):
+    """An API token: only its SHA-256 is stored (tokens are random, 256 bits: no slow hash
+    needed); shown once, revocable, with the time it was last used."""
+
+    __tablename__ = "api_token"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("lab_user.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # the token's start, to recognize it
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEvent(Base):
+    """Who did what to which object, and when (written in the action's own transaction)."""
+
+    __tablename__ = "audit_event"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    user_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str] = mapped_column(String(64))  # "sweep:3", "run:17", "user:alice"
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+
+
+class Owned:
+    """An object a lab user owns: ``owner`` is the owner's name (one query for a whole list)."""
+
+    owner_user: Mapped[User | None]
+
+    @property
+    def owner(self) -> str | None:
+        return self.owner_user.name if self.owner_user is not None else None
+
+
+def _owner_of(model: str) -> Any:
+    return relationship(
+        User, primaryjoin=f"foreign({model}.owner_id) == User.id", lazy="selectin", viewonly=True
+    )
+
+
+class Sweep(Owned, Base):
     __tablename__ = "sweep"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)  # a lab_user, never deleted
+    owner_user: Mapped[User | None] = _owner_of("Sweep")
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
     run_count: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-class Run(Base):
+class Run(Owned, Base):
     __tablename__ = "run"
     __table_args__ = (
         CheckConstraint(f"status IN {RUN_STATUSES!r}", name="status"),
@@ -89,6 +156,11 @@ class Run(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     sweep_id: Mapped[int | None] = mapped_column(ForeignKey("sweep.id", ondelete="CASCADE"))
+    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)  # a lab_user, never deleted
+    owner_user: Mapped[User | None] = _owner_of("Run")
+    # The dispatcher picks runs by fair share across owners, then by priority (the sweep's).
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    points: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")  # stored
     index: Mapped[int] = mapped_column(Integer, default=0)
     config: Mapped[dict[str, Any]] = mapped_column(JsonType)
     overrides: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
@@ -175,12 +247,14 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
 
 
-class Dataset(Base):
+class Dataset(Owned, Base):
     """Uploaded training data: X (n, d) and y (n,) or (n, k), float64 little-endian bytes."""
 
     __tablename__ = "dataset"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(Integer, index=True)  # a lab_user, never deleted
+    owner_user: Mapped[User | None] = _owner_of("Dataset")
     name: Mapped[str] = mapped_column(String(200))
     n: Mapped[int] = mapped_column(Integer)
     d: Mapped[int] = mapped_column(Integer)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from services.settings import Settings
@@ -36,16 +38,39 @@ def connect(settings: Settings) -> bool:
     else:
         record = settings.data_dir / "ray-processes.json"
         stop_leftovers(record)
-        ray.init(
-            num_cpus=settings.ray_num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            _node_ip_address="127.0.0.1",
-        )
+        with without_secrets():  # Ray's processes, and the runs, inherit this environment
+            ray.init(
+                num_cpus=settings.ray_num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                _node_ip_address="127.0.0.1",
+            )
         remember_processes(record)
+        private_token_file()
     for sig, handler in saved.items():
         signal.signal(sig, handler)
     return True
+
+
+SECRET_VARIABLES = ("OVERPARAM_DATABASE_URL", "PGPASSWORD", "DATABASE_URL")
+
+
+@contextlib.contextmanager
+def without_secrets() -> Iterator[None]:
+    """The process's environment without the database's URL (and password) while Ray starts
+    the processes that run the training code: they need neither."""
+    saved = {name: os.environ.pop(name) for name in SECRET_VARIABLES if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def private_token_file() -> None:
+    """Ray writes its token auth secret world-readable (0644): make it the user's only."""
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
 
 
 def disconnect(settings: Settings | None = None) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, defer
 
 from services.errors import Conflict, NotFound
-from services.models import FINAL_STATUSES, Run, Sweep, utcnow
+from services.models import FINAL_STATUSES, Run, Sweep, User, utcnow
 
 
 def get_sweep(*, db_session: Session, sweep_id: int) -> Sweep:
@@ -23,9 +23,19 @@ def get_sweep(*, db_session: Session, sweep_id: int) -> Sweep:
     return sweep
 
 
-def list_sweeps(*, db_session: Session, limit: int, offset: int) -> tuple[Sequence[Sweep], int]:
-    total = db_session.scalar(select(func.count()).select_from(Sweep)) or 0
-    rows = db_session.scalars(select(Sweep).order_by(Sweep.id.desc()).limit(limit).offset(offset))
+def owned_by(column: Any, owner: str) -> Any:
+    """``column`` (an owner id) is the id of the user named ``owner``."""
+    return column == select(User.id).where(User.name == owner).scalar_subquery()
+
+
+def list_sweeps(
+    *, db_session: Session, limit: int, offset: int, owner: str | None = None
+) -> tuple[Sequence[Sweep], int]:
+    query = select(Sweep)
+    if owner is not None:
+        query = query.where(owned_by(Sweep.owner_id, owner))
+    total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = db_session.scalars(query.order_by(Sweep.id.desc()).limit(limit).offset(offset))
     return rows.all(), total
 
 
@@ -58,6 +68,7 @@ def list_runs(
     db_session: Session,
     sweep_id: int | None = None,
     status: str | None = None,
+    owner: str | None = None,
     external: bool | None = None,
     limit: int,
     offset: int,
@@ -72,6 +83,8 @@ def list_runs(
         query = query.where(Run.status == status)
     if external is not None:
         query = query.where(Run.external.is_(external))
+    if owner is not None:
+        query = query.where(owned_by(Run.owner_id, owner))
     total = db_session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = db_session.scalars(query.order_by(Run.id).limit(limit).offset(offset))
     return rows.all(), total
@@ -92,12 +105,32 @@ def transition(*, db_session: Session, run_id: int, expected: str, new: str, **f
 
 
 def queued_runs(*, db_session: Session, limit: int) -> list[Run]:
-    """The oldest ``limit`` queued runs not blocked, their config and manifest not loaded (the
-    dispatcher picks those that fit by their resources)."""
-    query = select(Run).where(Run.status == "queued", Run.blocked_reason.is_(None))
-    query = query.order_by(Run.id).limit(limit)
-    query = query.options(defer(Run.config), defer(Run.manifest))
+    """The next ``limit`` queued runs of each owner not blocked (by priority, then oldest),
+    their config and manifest not loaded: the dispatcher shares the slots between owners."""
+    rank = func.row_number().over(partition_by=Run.owner_id, order_by=(Run.priority.desc(), Run.id))
+    ranked = (
+        select(Run.id, rank.label("rank"))
+        .where(Run.status == "queued", Run.blocked_reason.is_(None))
+        .subquery()
+    )
+    query = (
+        select(Run)
+        .join(ranked, ranked.c.id == Run.id)
+        .where(ranked.c.rank <= limit)
+        .order_by(Run.priority.desc(), Run.id)
+        .options(defer(Run.config), defer(Run.manifest))
+    )
     return list(db_session.scalars(query))
+
+
+def running_by_owner(*, db_session: Session) -> dict[int | None, int]:
+    """How many cluster runs each owner has running."""
+    rows = db_session.execute(
+        select(Run.owner_id, func.count())
+        .where(Run.status == "running", Run.external.is_(False))
+        .group_by(Run.owner_id)
+    )
+    return {owner: count for owner, count in rows}
 
 
 def block_run(*, db_session: Session, run_id: int, reason: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,6 +37,32 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(0.5, gt=0, description="dispatcher queue poll period")
     max_attempts: int = Field(
         3, ge=1, description="tries per run when its worker or node dies (resumes from checkpoint)"
+    )
+
+    # Who may do what (docs/deploy.md: a lab's service). "auto": off for `overparam serve` on
+    # a loopback address (the laptop: a local user owns everything), required anywhere else.
+    auth: Literal["auto", "off", "required"] = Field(
+        "auto", description="API tokens: off (one local user) or required"
+    )
+    allowed_hosts: list[str] = Field(
+        ["localhost", "127.0.0.1", "[::1]"],
+        description="Host headers the API answers (against DNS rebinding); '*' for any",
+    )
+    cors_origins: list[str] = Field(
+        [], description="origins whose web pages may call the API (none by default)"
+    )
+    rate_limit: str = Field("100/second", description="requests per token (limits' syntax)")
+    quota_max_active_runs: int = Field(
+        10_000, ge=0, description="a user's queued + running runs (0: no limit)"
+    )
+    quota_max_running_runs: int = Field(
+        0, ge=0, description="a user's running runs (0: fair share only)"
+    )
+    quota_max_metric_points: int = Field(
+        1_000_000_000, ge=0, description="metric points a user stores (0: no limit)"
+    )
+    quota_max_dataset_bytes: int = Field(
+        1 << 30, ge=0, description="bytes of datasets a user stores (0: no limit)"
     )
 
     # Threads and connections of one API process (docs/deploy.md: the connection budget).

@@ -49,6 +49,9 @@ class SweepSpec(BaseModel):
         default_factory=ResourceSpec,
         description="per-run CPUs, GPUs (fractions share a GPU) and memory; unset: estimated",
     )
+    priority: int = Field(
+        0, ge=-1000, le=1000, description="among its owner's queued runs, higher starts first"
+    )
 
 
 @dataclass(frozen=True)
@@ -256,10 +259,19 @@ def plan_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> l
     ]
 
 
-def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> Sweep:
-    """Store the sweep and all its runs (``queued``) in the caller's transaction."""
+def create_sweep(
+    *, db_session: Session, spec: SweepSpec, settings: Settings, owner_id: int | None = None
+) -> Sweep:
+    """Store the sweep and all its runs (``queued``, owned by ``owner_id``) in the caller's
+    transaction."""
     planned = plan_sweep(db_session=db_session, spec=spec, settings=settings)
-    sweep = Sweep(name=spec.name, spec=spec.model_dump(), run_count=len(planned))
+    sweep = Sweep(
+        name=spec.name,
+        spec=spec.model_dump(),
+        run_count=len(planned),
+        owner_id=owner_id,
+        priority=spec.priority,
+    )
     db_session.add(sweep)
     db_session.flush()
     manifest = base_manifest()
@@ -278,6 +290,8 @@ def create_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) ->
                 | {"config": config, "seed": item.config.seed, "data_seed": item.config.data_seed},
                 cancel_requested=False,
                 resources=item.resources,
+                owner_id=owner_id,
+                priority=spec.priority,
             )
         )
     db_session.flush()

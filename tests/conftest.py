@@ -81,7 +81,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         conn.execute(
             text(
                 "TRUNCATE metric_chunk, run, sweep, metric_name, dataset, dispatcher,"
-                " idempotency_key RESTART IDENTITY CASCADE"
+                " idempotency_key, api_token, audit_event RESTART IDENTITY CASCADE;"
+                " DELETE FROM lab_user WHERE name <> 'local'"
             )
         )
     engine.dispose()
@@ -89,7 +90,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:
-    return Settings(database_url=database_url, embedded_dispatcher=False, **overrides)  # type: ignore[arg-type]
+    """Settings of a test app: no embedded dispatcher, authentication off and any Host (the
+    tests of those set them)."""
+    defaults: dict[str, object] = {
+        "embedded_dispatcher": False,
+        "auth": "off",
+        "allowed_hosts": ["*"],
+    }
+    return Settings(database_url=database_url, **(defaults | overrides))  # type: ignore[arg-type]
 
 
 @pytest.fixture

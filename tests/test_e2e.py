@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from services.settings import Settings
+from tests.conftest import make_settings
 from tests.worker.reference import jacobian_grams, network_params
 from worker.config import RunConfig
 from worker.data import make_dataset
@@ -33,7 +34,7 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 
 @pytest.fixture
 def service(ray_cluster: None, db_url: str) -> Iterator[TestClient]:
-    settings = Settings(database_url=db_url, embedded_dispatcher=True, poll_interval_s=0.1)
+    settings = make_settings(db_url, embedded_dispatcher=True, poll_interval_s=0.1)
     with TestClient(create_app(settings)) as client:
         yield client
 
@@ -61,7 +62,10 @@ def all_points(client: TestClient, run_id: int) -> list[dict[str, Any]]:
 
 
 def test_sweep_runs_to_completion_with_every_metric(service: TestClient) -> None:
-    assert service.get("/readyz").json()["ray"] == "ok"
+    deadline = time.monotonic() + 60  # ready once the dispatcher's first heartbeat is in
+    while (ready := service.get("/readyz")).status_code == 503 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ready.json()["ray"] == "ok", ready.text
     created = service.post("/api/v1/sweeps", json=SPEC).json()
     assert created["run_count"] == 8
     runs = wait_final(service, created["id"])

@@ -5,6 +5,7 @@ behind are stopped by the next start."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         "OVERPARAM_DATA_DIR": str(data_dir),
         "OVERPARAM_CHECKPOINT_DIR": str(data_dir / "checkpoints"),
         "OVERPARAM_RAY_NUM_CPUS": "1",
-        "OVERPARAM_DATABASE_URL": "",
+        "OVERPARAM_DATABASE_URL": f"sqlite:///{data_dir}/overparam.db",
     }
     command = [*OVERPARAM, "serve", "--port", str(port)]
     return subprocess.Popen(
@@ -107,3 +108,32 @@ def test_ray_processes_a_killed_service_left_are_stopped_by_the_next_start(first
     finally:
         os.killpg(second.pid, signal.SIGTERM)
         second.wait(60)
+
+
+def test_the_embedded_ray_is_private(first) -> None:  # type: ignore[no-untyped-def]
+    """Ray's token file is the user's only, and the processes that run the training code do not
+    inherit the database's URL. (Ray 2.60 binds some of its ports to every interface whatever
+    the node's address: the token, now private, is what guards them; docs/deploy.md.)"""
+    process, url = first
+    run_id = httpx.post(f"{url}/api/v1/sweeps", json=LONG).json()["run_ids"][0]
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/api/v1/runs/{run_id}").json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    ray = psutil.Process(process.pid).children(recursive=True)
+    assert ray, "a local Ray runs"
+    for child in ray:
+        with contextlib.suppress(psutil.Error):
+            assert "OVERPARAM_DATABASE_URL" not in child.environ(), child.name()
+    token = Path.home() / ".ray" / "auth_token"
+    if token.exists():
+        assert token.stat().st_mode & 0o077 == 0, oct(token.stat().st_mode)
+
+
+def test_the_banner_shows_no_password() -> None:
+    from client.cli import banner
+    from services.settings import Settings
+
+    settings = Settings(database_url="postgresql://lab:s3cret@db.example/overparam", auth="off")
+    shown = banner(settings, "127.0.0.1", 8000)
+    assert "s3cret" not in shown and "lab:***@db.example" in shown

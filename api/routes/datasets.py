@@ -19,11 +19,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import CurrentUser, limited
 from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, once
 from api.problems import problem
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
 from services.settings import Settings
+from services.users import Caller, audit, check_owner
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -34,6 +36,7 @@ class DatasetPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: int
+    owner: str | None = None
     name: str
     n: int
     d: int
@@ -50,7 +53,7 @@ class DatasetsPublic(BaseModel):
 
 
 def _create(
-    db: Session, settings: Settings, media_type: str, name: str | None, body: bytes
+    db: Session, settings: Settings, user: Caller, media_type: str, name: str | None, body: bytes
 ) -> DatasetPublic:
     if media_type in NPZ_TYPES:
         if not name:
@@ -64,7 +67,11 @@ def _create(
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
         name, arrays = spec.name, dataset_service.arrays_from_json(spec, settings)
-    dataset = dataset_service.create_dataset(db_session=db, name=name, arrays=arrays)
+    dataset = dataset_service.create_dataset(
+        db_session=db, name=name, arrays=arrays, owner_id=user.id
+    )
+    limited(db, user, "max_dataset_bytes", dataset.size_bytes, settings)
+    audit(db_session=db, user=user, action="upload_dataset", target=f"dataset:{dataset.id}")
     return DatasetPublic.model_validate(dataset)
 
 
@@ -90,6 +97,7 @@ async def create(
     request: Request,
     db: SessionDep,
     settings: SettingsDep,
+    user: CurrentUser,
     name: Annotated[str | None, Query(max_length=200, description="for .npz uploads")] = None,
     key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -97,7 +105,7 @@ async def create(
     body = await request.body()
     media_type = request.headers.get("content-type", "application/json").split(";")[0].strip()
     content = f"{media_type}\n{name}\n".encode() + body
-    create = partial(_create, db, settings, media_type, name, body)
+    create = partial(_create, db, settings, user, media_type, name, body)
     try:
         created = await run_in_threadpool(once, db, request, key, content, create)
     except dataset_service.TooLarge as exc:
@@ -134,7 +142,10 @@ def arrays(dataset_id: int, db: SessionDep) -> Response:
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete(dataset_id: int, db: SessionDep) -> Response:
+def delete(dataset_id: int, db: SessionDep, user: CurrentUser) -> Response:
     """Delete a dataset, unless a queued or running run uses it (409)."""
+    owner = dataset_service.get_dataset(db_session=db, dataset_id=dataset_id).owner_id
+    check_owner(user, owner, f"dataset {dataset_id}")
     dataset_service.delete_dataset(db_session=db, dataset_id=dataset_id)
+    audit(db_session=db, user=user, action="delete_dataset", target=f"dataset:{dataset_id}")
     return Response(status_code=status.HTTP_204_NO_CONTENT)

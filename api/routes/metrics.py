@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import CurrentUser, limited
 from api.deps import RunId, SessionDep, SettingsDep, SweepId
 from api.problems import problem
 from api.schemas import MetricNames, MetricsPage
@@ -31,6 +32,7 @@ from services.external_runs import MetricBatchIn, log_batch
 from services.metrics import MAX_STEP, NAME_PATTERN
 from services.numbers import point_objects
 from services.settings import Settings
+from services.users import Caller
 
 router = APIRouter(tags=["metrics"])
 
@@ -216,7 +218,7 @@ BATCH_BODY = {
     openapi_extra=BATCH_BODY,
 )
 async def log(
-    run_id: RunId, request: Request, db: SessionDep, settings: SettingsDep
+    run_id: RunId, request: Request, db: SessionDep, settings: SettingsDep, user: CurrentUser
 ) -> BatchStored:
     """Log a batch of an external run (many metrics and steps); re-sent points are ignored.
 
@@ -226,17 +228,20 @@ async def log(
     how many points were received and how many were new.
     """
     body = await request.body()
-    return await run_in_threadpool(_log, db, settings, run_id, body)
+    return await run_in_threadpool(_log, db, settings, user, run_id, body)
 
 
-def _log(db: Session, settings: Settings, run_id: int, body: bytes) -> BatchStored:
+def _log(db: Session, settings: Settings, user: Caller, run_id: int, body: bytes) -> BatchStored:
     """Validate the JSON body in one pass (pydantic-core parses it: no dict per point is built
     twice) and store it."""
     try:
         batch = MetricBatchIn.model_validate_json(body)
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
-    stored = log_batch(db_session=db, run_id=run_id, series=batch.as_series(settings))
+    series = batch.as_series(settings)
+    limited(db, user, "max_metric_points", batch.size(), settings, stored=False)
+    owner = None if user.admin else user.id
+    stored = log_batch(db_session=db, run_id=run_id, series=series, owner_id=owner)
     return BatchStored(received=batch.size(), stored=stored)
 
 

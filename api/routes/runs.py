@@ -7,9 +7,11 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
+from api.auth import CurrentUser
 from api.deps import RunId, SessionDep, SweepId
 from api.schemas import RunListed, RunPublic, RunsPublic, RunStatus
 from services import runs as run_service
+from services.users import audit, check_owner
 
 router = APIRouter(prefix="/runs", tags=["runs"])
 
@@ -22,6 +24,7 @@ def list_(
     db: SessionDep,
     sweep_id: Annotated[SweepId | None, Query()] = None,
     status: RunStatus | None = None,
+    owner: Annotated[str | None, Query(max_length=64, description="a user's name")] = None,
     fields: Annotated[
         list[Field] | None, Query(description="also return these (repeatable)")
     ] = None,
@@ -38,6 +41,7 @@ def list_(
         db_session=db,
         sweep_id=sweep_id,
         status=status,
+        owner=owner,
         external=external,
         limit=limit,
         offset=offset,
@@ -55,6 +59,10 @@ def get(run_id: RunId, db: SessionDep) -> RunPublic:
 
 
 @router.post("/{run_id}/cancel", response_model=RunPublic)
-def cancel(run_id: RunId, db: SessionDep) -> RunPublic:
+def cancel(run_id: RunId, db: SessionDep, user: CurrentUser) -> RunPublic:
     """Cancel a queued run now, or ask the dispatcher to stop a running one."""
-    return RunPublic.model_validate(run_service.request_cancel(db_session=db, run_id=run_id))
+    owner = run_service.get_run(db_session=db, run_id=run_id).owner_id
+    check_owner(user, owner, f"run {run_id}")
+    run = run_service.request_cancel(db_session=db, run_id=run_id)
+    audit(db_session=db, user=user, action="cancel_run", target=f"run:{run_id}")
+    return RunPublic.model_validate(run)

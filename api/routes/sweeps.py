@@ -6,10 +6,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
+from api.auth import CurrentUser, limited
 from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, SweepId, once, wake_dispatcher
 from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.sweeps import SweepSpec, create_sweep, plan_sweep
+from services.users import audit
 
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
@@ -22,6 +24,7 @@ def create(
     request: Request,
     background: BackgroundTasks,
     response: Response,
+    user: CurrentUser,
     key: IdempotencyKeyHeader = None,
     dry_run: Annotated[
         bool, Query(description="validate and expand only: 200 with the runs, nothing stored")
@@ -44,7 +47,9 @@ def create(
         return SweepPlan(name=spec.name, run_count=len(runs), runs=runs)
 
     def created() -> SweepCreated:
-        sweep = create_sweep(db_session=db, spec=spec, settings=settings)
+        sweep = create_sweep(db_session=db, spec=spec, settings=settings, owner_id=user.id)
+        limited(db, user, "max_active_runs", sweep.run_count, settings)
+        audit(db_session=db, user=user, action="create_sweep", target=f"sweep:{sweep.id}")
         run_ids = run_service.sweep_run_ids(db_session=db, sweep_id=sweep.id)
         return SweepCreated(
             id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids
@@ -60,9 +65,10 @@ def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    owner: Annotated[str | None, Query(max_length=64, description="a user's name")] = None,
 ) -> SweepsPublic:
     """Sweeps, newest first, with the number of their runs in each state."""
-    sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset)
+    sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset, owner=owner)
     counts = run_service.status_counts(db_session=db, sweep_ids=[s.id for s in sweeps])
     data = [
         SweepPublic.model_validate(s).model_copy(update={"status_counts": counts[s.id]})

@@ -20,6 +20,7 @@ const MAX_LOG_TICKS = 6;
 
 async function api(path, options = {}) {
   const response = await fetch(API + path, { headers: { accept: "application/json" }, ...options });
+  if (response.status === 401) showLogin(); // the service requires a token: ask for one
   if (!response.ok) {
     let detail = "";
     try {
@@ -27,9 +28,34 @@ async function api(path, options = {}) {
     } catch (error) {
       detail = response.statusText;
     }
-    throw new Error(`${response.status} ${detail}`);
+    const error = new Error(`${response.status} ${detail}`);
+    error.status = response.status;
+    throw error;
   }
   return response.json();
+}
+
+// A request that needs a token has shown the sign-in form: that is its answer, not an error.
+window.addEventListener("unhandledrejection", (event) => {
+  if (event.reason?.status === 401) event.preventDefault();
+});
+
+// The token goes into a same-site, HttpOnly session cookie (event streams cannot send headers).
+function showLogin() {
+  const form = document.getElementById("login");
+  if (!form || !form.hidden) return;
+  form.hidden = false;
+  form.onsubmit = async (event) => {
+    event.preventDefault();
+    const token = form.querySelector("input").value.trim();
+    const response = await fetch(API + "/session", {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+      body: JSON.stringify({ token }),
+    });
+    if (response.ok) location.reload();
+    else form.querySelector(".error").textContent = "that token was refused";
+  };
 }
 
 function number(value) {

@@ -55,13 +55,29 @@ function card(href, selected, title, detail) {
   return item;
 }
 
+// Owners seen in the lists; the filter shows one owner's sweeps and runs.
+function ownerFilter(items) {
+  const select = document.getElementById("owner-filter");
+  const known = new Set([...select.options].map((o) => o.value));
+  for (const owner of new Set(items.map((i) => i.owner).filter(Boolean))) {
+    if (!known.has(owner)) select.append(el("option", { value: owner }, owner));
+  }
+  select.onchange = () => Promise.all([loadSweeps(), loadExternal()]);
+  return select.value ? items.filter((i) => i.owner === select.value) : items;
+}
+
+function byOwner(item) {
+  return item.owner ? ` · ${item.owner}` : "";
+}
+
 async function loadSweeps() {
-  const { data } = await api("/sweeps?limit=100");
+  const { data: all } = await api("/sweeps?limit=100");
+  const data = ownerFilter(all);
   const list = document.getElementById("sweeps");
   list.replaceChildren(
     ...data.map((sweep) => {
       const counts = Object.entries(sweep.status_counts).map(([status, n]) => `${n} ${status}`).join(", ");
-      const item = card(`#sweep=${sweep.id}`, sweep.id === state.sweepId, `#${sweep.id} ${sweep.name}`, `${sweep.run_count} runs: ${counts}`);
+      const item = card(`#sweep=${sweep.id}`, sweep.id === state.sweepId, `#${sweep.id} ${sweep.name}${byOwner(sweep)}`, `${sweep.run_count} runs: ${counts}`);
       item.dataset.sweepId = sweep.id;
       return item;
     }),
@@ -71,12 +87,13 @@ async function loadSweeps() {
 }
 
 async function loadExternal() {
-  const { data } = await api("/runs?external=true&limit=1000");
+  const { data: all } = await api("/runs?external=true&limit=1000");
+  const data = ownerFilter(all);
   const list = document.getElementById("external");
   const newest = data.slice(-50).reverse();
   list.replaceChildren(
     ...newest.map((run) => {
-      const item = card(`#run=${run.id}`, run.id === currentRunId(), `run #${run.id}`, `${run.status}, ${run.summary.steps_done ?? 0} steps`);
+      const item = card(`#run=${run.id}`, run.id === currentRunId(), `run #${run.id}${byOwner(run)}`, `${run.status}, ${run.summary.steps_done ?? 0} steps`);
       item.dataset.runId = run.id;
       return item;
     }),

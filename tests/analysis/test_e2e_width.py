@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from services.analysis import LAYER_METRICS
 from services.migrate import upgrade
-from services.settings import Settings
 from tests.analysis.test_api import lstsq_fit, raw_points
+from tests.conftest import make_settings
 
 pytestmark = pytest.mark.ray
 
@@ -43,7 +43,7 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 def service(ray_cluster: None, tmp_path: Path) -> Iterator[TestClient]:
     url = f"sqlite:///{tmp_path / 'e2e.db'}"
     upgrade(url)
-    settings = Settings(database_url=url, embedded_dispatcher=True, poll_interval_s=0.1)
+    settings = make_settings(url, embedded_dispatcher=True, poll_interval_s=0.1)
     with TestClient(create_app(settings)) as client:
         yield client
 

@@ -61,7 +61,17 @@ def requests(http: httpx.Client) -> dict[tuple[str, str], Callable[[], httpx.Res
     external = [http.post("/runs", json={"config": {}, "external": True}).json() for _ in (0, 1)]
     dataset = http.post("/datasets", json={"name": "d", "X": [[1.0, 0.0]], "y": [1.0]}).json()
     batch = {"series": [{"metric": "loss", "steps": [0, 1], "values": [1.0, 0.5]}]}
+    carol = http.post("/users", json={"name": "carol"}).json()
+    token = http.post("/users/carol/tokens", json={"name": "spare"}).json()
     return {
+        ("POST", "/api/v1/users"): lambda: http.post("/users", json={"name": "bob"}),
+        ("PATCH", "/api/v1/users/{name}"): lambda: http.patch("/users/carol", json={"share": 2}),
+        ("POST", "/api/v1/users/{name}/tokens"): lambda: http.post(
+            "/users/carol/tokens", json={"name": "laptop"}
+        ),
+        ("DELETE", "/api/v1/tokens/{token_id}"): lambda: http.delete(f"/tokens/{token['id']}"),
+        ("POST", "/api/v1/session"): lambda: http.post("/session", json={"token": carol["token"]}),
+        ("DELETE", "/api/v1/session"): lambda: http.delete("/session"),
         ("POST", "/api/v1/sweeps"): lambda: http.post("/sweeps", json=spec),
         ("POST", "/api/v1/runs"): lambda: http.post("/runs", json={"config": {}, "external": True}),
         ("POST", "/api/v1/runs/{run_id}/cancel"): lambda: http.post(

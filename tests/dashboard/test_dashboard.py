@@ -18,8 +18,10 @@ from matplotlib import image
 
 from api.main import create_app
 from client.tables import number
+from services.db import make_engine, make_sessionmaker, session_scope
 from services.migrate import upgrade
 from services.quantities import label
+from services.users import create_user
 from tests.analysis.synthetic import (
     SPEC,
     STEPS,
@@ -316,3 +318,63 @@ def test_a_loss_at_1e_30_is_drawn_and_a_run_page_shows_everything(
             assert not [line for line in browser.console if "Error" in line], browser.console
     finally:
         store.close()
+
+
+def test_a_lab_dashboard_asks_for_a_token_and_filters_by_owner(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """With tokens required, the page shows a sign-in form; a token keeps the session in a
+    cookie that the lists and the event stream use; the owner filter shows one user's sweeps."""
+    db_url = f"sqlite:///{tmp_path / 'lab.db'}"
+    upgrade(db_url)
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        create_user(db_session=db, name="head", role="admin")  # a lab service needs an admin
+        tokens = {n: create_user(db_session=db, name=n, role="member")[1] for n in ("ann", "ben")}
+    engine.dispose()
+    settings = make_settings(
+        db_url, auth="required", allowed_hosts=["127.0.0.1"], stream_poll_s=0.05
+    )
+    app = create_app(settings)
+    with live_server(app) as url, TestClient(app, base_url="http://127.0.0.1") as api:
+        sweeps = {}
+        for name, token in tokens.items():
+            api.headers["authorization"] = f"Bearer {token}"
+            sweeps[name] = create_sweep(api, SPEC | {"name": f"{name}'s sweep"})[0]
+        browser.goto(f"{url}/dashboard")
+        browser.wait_for("document.getElementById('login')?.hidden === false")
+        assert (
+            browser.evaluate("document.querySelectorAll('#sweeps li[data-sweep-id]').length") == 0
+        )
+        browser.evaluate(
+            "(() => { const f = document.getElementById('login');"
+            " f.querySelector('input').value = 'ovp_wrong'; f.requestSubmit(); })()"
+        )
+        browser.wait_for("document.querySelector('#login .error').textContent.includes('refused')")
+        browser.evaluate(
+            "(() => { const f = document.getElementById('login');"
+            f" f.querySelector('input').value = '{tokens['ann']}'; f.requestSubmit(); }})()"
+        )
+        browser.wait_for("document.querySelectorAll('#sweeps li[data-sweep-id]').length === 2")
+        assert browser.evaluate("document.getElementById('login').hidden")
+        cookie = browser.evaluate("document.cookie")
+        assert tokens["ann"] not in cookie, "the session cookie is HttpOnly"
+        owners = browser.evaluate(
+            "[...document.querySelectorAll('#owner-filter option')].map(o => o.value)"
+        )
+        assert sorted(owners) == ["", "ann", "ben"]
+        browser.evaluate(
+            "(() => { const s = document.getElementById('owner-filter');"
+            " s.value = 'ben'; s.dispatchEvent(new Event('change')); })()"
+        )
+        browser.wait_for("document.querySelectorAll('#sweeps li[data-sweep-id]').length === 1")
+        shown = browser.evaluate(
+            "document.querySelector('#sweeps li[data-sweep-id]').dataset.sweepId"
+        )
+        assert int(shown) == sweeps["ben"]
+        browser.goto(f"{url}/dashboard#sweep={sweeps['ann']}")
+        browser.wait_for(
+            "['live', 'finished'].includes(document.getElementById('live').textContent)"
+        )
+        assert browser.evaluate("document.getElementById('login').hidden")
+        assert not [line for line in browser.console if "Error" in line], browser.console

@@ -104,7 +104,12 @@ SERVICES: dict[str, Service] = {
             "--workers",
             "2",
         ),
-        env=DATABASE_ENV | {"OVERPARAM_EMBEDDED_DISPATCHER": "false"},
+        env=DATABASE_ENV
+        | {
+            "OVERPARAM_EMBEDDED_DISPATCHER": "false",
+            "OVERPARAM_AUTH": "required",
+            "OVERPARAM_ALLOWED_HOSTS": '["localhost","127.0.0.1"]',
+        },
         healthcheck=(
             "python",
             "-c",

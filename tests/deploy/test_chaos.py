@@ -202,6 +202,12 @@ def finished(api: httpx.Client, sweep_id: int) -> list[dict[str, Any]]:
     return runs_of(api, sweep_id)
 
 
+def training_task(pid: int) -> bool:
+    """A Ray worker process running a run (Ray titles it after the task, padded)."""
+    title = cmdline(pid)[0].strip()
+    return title.startswith("ray::") and title.endswith("run_training")
+
+
 def leader(topo: Topology) -> str:
     engine = create_engine(topo.addresses.database_url)
     try:
@@ -219,10 +225,10 @@ def leader(topo: Topology) -> str:
 
 def test_a_killed_ray_worker_process(stack) -> None:  # type: ignore[no-untyped-def]
     topo, _ = stack
-    with httpx.Client(base_url=topo.base_url, timeout=30) as api:
+    with topo.client() as api:
         sweep = submit(api, "worker", [0, 1])
         wait(api, lambda: past_a_checkpoint(api, sweep), "a run past a checkpoint")
-        training = [p for p in marked(f"{topo.id}/") if cmdline(p)[0] == "ray::run_training"]
+        training = [p for p in marked(f"{topo.id}/") if training_task(p)]
         assert training, topo.report()
         sigkill(training[:1])
         runs = finished(api, sweep)
@@ -232,7 +238,7 @@ def test_a_killed_ray_worker_process(stack) -> None:  # type: ignore[no-untyped-
 
 def test_a_killed_leading_dispatcher(stack) -> None:  # type: ignore[no-untyped-def]
     topo, _ = stack
-    with httpx.Client(base_url=topo.base_url, timeout=30) as api:
+    with topo.client() as api:
         sweep = submit(api, "dispatcher", [2, 3])
         wait(api, lambda: past_a_checkpoint(api, sweep), "a run past a checkpoint")
         first = leader(topo)
@@ -245,7 +251,7 @@ def test_a_killed_leading_dispatcher(stack) -> None:  # type: ignore[no-untyped-
 
 def test_a_postgres_restart(stack) -> None:  # type: ignore[no-untyped-def]
     topo, postgres = stack
-    with httpx.Client(base_url=topo.base_url, timeout=30) as api:
+    with topo.client() as api:
         sweep = submit(api, "postgres", [4, 5])
         wait(api, lambda: past_a_checkpoint(api, sweep), "a run past a checkpoint")
         postgres.ctl("restart")
@@ -273,8 +279,12 @@ def test_fifty_submitters_with_retries_each_get_their_sweep_once(stack) -> None:
         timeout = 0.05  # the first tries give up early: their requests may still be served
         while time.monotonic() - began < 120:
             try:
-                response = httpx.post(f"{topo.base_url}/api/v1/sweeps", json=spec, headers=key,
-                                      timeout=timeout)  # fmt: skip
+                response = httpx.post(
+                    f"{topo.base_url}/api/v1/sweeps",
+                    json=spec,
+                    headers=key | topo.headers,
+                    timeout=timeout,
+                )
             except httpx.TimeoutException:
                 timeout = min(2 * timeout, 10)
                 continue
@@ -292,7 +302,7 @@ def test_fifty_submitters_with_retries_each_get_their_sweep_once(stack) -> None:
     for thread in threads:
         thread.join(180)
     assert not errors and len(answers) == 50 and all(len(ids) == 1 for ids in answers.values())
-    with httpx.Client(base_url=topo.base_url, timeout=30) as api:
+    with topo.client() as api:
         names = [
             s["name"] for s in api.get("/api/v1/sweeps", params={"limit": 1000}).json()["data"]
         ]

@@ -79,7 +79,7 @@ def steps_of(api: httpx.Client, run_id: int) -> dict[str, list[int]]:
 
 def test_runs_survive_a_worker_kill_and_a_dispatcher_kill(topology: Topology) -> None:
     topo = topology
-    with httpx.Client(base_url=topo.base_url, timeout=30) as api:
+    with topo.client() as api:
         sweep_id = api.post("/api/v1/sweeps", json=SPEC).json()["id"]
         deadline = time.monotonic() + 120
 

@@ -35,7 +35,7 @@ def topology() -> Iterator[Topology]:
 
 @pytest.fixture(scope="module")
 def api(topology: Topology) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=topology.base_url, timeout=30) as client:
+    with topology.client() as client:
         yield client
 
 

@@ -248,6 +248,7 @@ class Topology:
             # the slowest to come up: start it first
             head = self._spawn("ray-head", "ray-head", temp_dir=str(self.root / "head"))
             self.migrate()
+            self.admin_token = self.create_admin()
             self._spawn("api", "api")
             self.wait_for(lambda: self._healthy(head), deadline, "the Ray head's health check")
             for _ in range(self.initial_workers):
@@ -277,6 +278,34 @@ class Topology:
             )
         if done.returncode != 0:
             raise TopologyError(f"migrate exited {done.returncode}:\n{self.tail(log)}")
+
+    def create_admin(self) -> str:
+        """The first admin, as docs/deploy.md says (the API requires tokens); its token."""
+        done = subprocess.run(
+            [
+                *harness_argv("migrate", self.addresses)[:-2],
+                "admin",
+                "create-user",
+                "admin",
+                "--admin",
+            ],
+            env=self.environment("migrate", "migrate"),
+            cwd=self.root,
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise TopologyError(f"admin create-user exited {done.returncode}: {done.stderr!r}")
+        return done.stdout.decode().split()[-1]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """What a client of the API sends: the admin's token."""
+        return {"Authorization": f"Bearer {self.admin_token}"}
+
+    def client(self, timeout: float = 30) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers)
 
     def add_worker(self, *, wait: bool = True, timeout: float = 60.0) -> Proc:
         """Start one more Ray worker node (``ray-worker-<n>``); by default wait until the

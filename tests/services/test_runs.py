@@ -102,3 +102,32 @@ def test_runs_that_fit_no_node_are_blocked_and_never_hold_up_the_queue(sessions)
     with session_scope(sessions) as db:
         assert [r.sweep_id for r in db.query(Run).filter(Run.id == claimed[0].id)] == [big]
         assert db.query(Run).filter(Run.blocked_reason.is_not(None)).count() == 0
+
+
+def test_a_big_sweep_does_not_starve_a_colleagues_small_one(sessions) -> None:  # type: ignore[no-untyped-def]
+    """User A queues 200 runs, then user B 3: B's runs start within the next free slots, and
+    A's higher-priority sweep goes before A's older one."""
+    from services.dispatcher import Dispatcher
+    from services.users import create_user
+
+    settings = Settings(database_url="sqlite://", embedded_dispatcher=False)
+    with session_scope(sessions) as db:
+        a = create_user(db_session=db, name="a", role="member")[0].id
+        b = create_user(db_session=db, name="b", role="member")[0].id
+
+        def sweep(owner: int, runs: int, priority: int = 0) -> list[int]:
+            spec = SweepSpec(grid={"seed": list(range(runs))}, priority=priority)
+            made = create_sweep(db_session=db, spec=spec, settings=settings, owner_id=owner)
+            return [r.id for r in db.query(Run).filter(Run.sweep_id == made.id).order_by(Run.id)]
+
+        big = sweep(a, 200)
+        small = sweep(b, 3)
+        urgent = sweep(a, 2, priority=5)
+    dispatcher = Dispatcher(settings, sessions, submit=lambda launch: None)
+    node = [{"CPU": 64.0, "GPU": 0.0, "memory": 1e12}]
+    started: list[int] = []
+    for _ in range(4):  # four ticks, two free slots each
+        started += [run.id for run in dispatcher._claim(dict(node[0]), 2, node)]
+    assert set(small) <= set(started[:6]), started
+    assert started.index(urgent[0]) < started.index(big[0])
+    assert len(started) == 8

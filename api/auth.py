@@ -1,0 +1,119 @@
+"""Who is calling: the API token (``Authorization: Bearer``, or the dashboard's session cookie),
+the request's Host, and the token's request rate.
+
+Every route under ``/api/v1`` depends on :func:`current_user`, so none can be reached without
+it: with authentication off it is the built-in ``local`` admin; with it required, a valid token
+or a 401. A Host header outside ``allowed_hosts`` is a 400 (a page that rebinds its DNS to this
+service cannot read it), and a token past its rate a 429.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from sqlalchemy.orm import Session
+
+from api.deps import SessionDep
+from services.models import LOCAL_USER
+from services.settings import Settings
+from services.users import Caller, Unauthenticated, authenticate, check_quota, digest
+
+COOKIE = "overparam_token"
+
+
+class RateLimited(Exception):
+    def __init__(self, limit: str, retry_after: int) -> None:
+        super().__init__(f"more than {limit} requests: slow down and retry in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class BadHost(Exception):
+    """A Host header this service does not answer to."""
+
+
+class Limiter:
+    """Requests per token, in this process (several API workers: each counts its own)."""
+
+    def __init__(self, rate: str) -> None:
+        self.rate = rate
+        self.limit = parse(rate)
+        self.window = MovingWindowRateLimiter(MemoryStorage())
+
+    def hit(self, key: str) -> None:
+        if not self.window.hit(self.limit, key):
+            reset = self.window.get_window_stats(self.limit, key).reset_time
+            raise RateLimited(self.rate, max(1, int(reset - time.time()) + 1))
+
+
+def host_of(header: str) -> str:
+    """The host of a Host header, without its port ("[::1]:8000" -> "[::1]")."""
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rsplit(":", 1)[0]
+
+
+def check_host(request: Request) -> None:
+    allowed = request.app.state.settings.allowed_hosts
+    host = host_of(request.headers.get("host", ""))
+    if "*" not in allowed and host not in allowed:
+        raise BadHost(f"this service does not answer to Host {host!r} (OVERPARAM_ALLOWED_HOSTS)")
+
+
+def current_user(request: Request, db: SessionDep) -> Caller:
+    """The caller: the local user (authentication off), or the owner of the request's token."""
+    check_host(request)
+    check_media_type(request)
+    state = request.app.state
+    if state.auth == "off":
+        return state.local_user
+    header = request.headers.get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(COOKIE)
+    if not token:
+        raise Unauthenticated("this service requires an API token: Authorization: Bearer <token>")
+    user = Caller.of(authenticate(db_session=db, token=token))
+    state.limiter.hit(digest(token))
+    return user
+
+
+CurrentUser = Annotated[Caller, Depends(current_user)]
+
+
+def limited(
+    db: Session, user: Caller, quota: str, asked: float, settings: Settings, stored: bool = True
+) -> None:
+    """The user's ``quota`` checked (``stored``: with what is asked in the transaction already);
+    the local user, who owns everything while authentication is off, has none."""
+    if user.name != LOCAL_USER:
+        check_quota(
+            db_session=db, user=user, name=quota, asked=asked, settings=settings, stored=stored
+        )
+
+
+class WrongMediaType(Exception):
+    """A body that is not JSON where JSON is expected (415): what a cross-site form can send."""
+
+
+BODY_TYPES = (
+    "application/json",
+    "application/x-npz",
+    "application/octet-stream",
+    "application/zip",
+)
+
+
+def check_media_type(request: Request) -> None:
+    """415 for a request body that is not JSON (or a dataset's ``.npz``): a web page can make a
+    browser send a cross-site ``text/plain`` or form body without asking first, but not JSON."""
+    if (
+        request.method not in ("POST", "PUT", "PATCH")
+        or request.headers.get("content-length") == "0"
+    ):
+        return
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in BODY_TYPES and not kind.endswith("+json"):
+        raise WrongMediaType(f"a request body must be application/json, not {kind or 'undeclared'}")
