@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from services.db import session_scope
@@ -34,6 +34,7 @@ SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="a run's id")]
 SweepId = Annotated[int, Path(ge=1, le=MAX_ID, description="a sweep's id")]
 DatasetId = Annotated[int, Path(ge=1, le=MAX_ID, description="a dataset's id")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="items to skip")]
 
 
 async def wake_dispatcher(request: Request) -> None:

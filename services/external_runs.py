@@ -27,6 +27,7 @@ from services.models import FINAL_STATUSES, Run, utcnow
 from services.numbers import JsonNumber, json_safe
 from services.runs import get_run, transition
 from services.settings import Settings
+from services.storable import StoredJson, StoredText
 from services.sweeps import SweepSpec, create_sweep
 
 
@@ -35,13 +36,15 @@ class RunCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: dict[str, Any] = Field(
+    config: StoredJson = Field(
         description="a RunConfig for a queued run; any JSON object for an external one"
     )
     external: bool = Field(
         False, description="logged to by its own client over REST instead of the cluster"
     )
-    name: str = Field("run", min_length=1, max_length=200, description="of a queued run's sweep")
+    name: StoredText = Field(
+        "run", min_length=1, max_length=200, description="of a queued run's sweep"
+    )
 
 
 class RunFinish(BaseModel):
@@ -50,8 +53,8 @@ class RunFinish(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["succeeded", "diverged", "failed", "cancelled"]
-    error: str | None = Field(None, max_length=10_000)
-    summary: dict[str, Any] = Field(default_factory=dict)
+    error: StoredText | None = Field(None, max_length=10_000)
+    summary: StoredJson = Field(default_factory=dict)
 
 
 class PointIn(TypedDict):

@@ -18,11 +18,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import DatasetId, Offset, SessionDep, SettingsDep
 from api.problems import problem
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
 from services.settings import Settings
+from services.storable import StoredText
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -58,10 +59,11 @@ def _create(
     else:
         try:
             spec = dataset_service.DatasetCreate.model_validate(json.loads(body))
-        except json.JSONDecodeError as exc:
-            raise SpecError([FieldError("body", None, f"not JSON: {exc}")]) from exc
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
+            reason = f"not UTF-8 JSON: {exc}" if isinstance(exc, ValueError) else "nested too deep"
+            raise SpecError([FieldError("body", None, reason)]) from exc
         name, arrays = spec.name, dataset_service.arrays_from_json(spec, settings)
     dataset = dataset_service.create_dataset(db_session=db, name=name, arrays=arrays)
     return DatasetPublic.model_validate(dataset)
@@ -89,7 +91,9 @@ async def create(
     request: Request,
     db: SessionDep,
     settings: SettingsDep,
-    name: Annotated[str | None, Query(max_length=200, description="for .npz uploads")] = None,
+    name: Annotated[
+        StoredText | None, Query(min_length=1, max_length=200, description="for .npz uploads")
+    ] = None,
 ) -> Response:
     """Upload X and y; they are validated, and near-parallel rows are reported."""
     body = await request.body()
@@ -105,7 +109,7 @@ async def create(
 def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DatasetsPublic:
     """Datasets in id order (metadata and reports, not the arrays)."""
     rows, count = dataset_service.list_datasets(db_session=db, limit=limit, offset=offset)
@@ -113,14 +117,14 @@ def list_(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get(dataset_id: int, db: SessionDep) -> DatasetPublic:
+def get(dataset_id: DatasetId, db: SessionDep) -> DatasetPublic:
     """A dataset's shape, checksum and near-parallel report."""
     dataset = dataset_service.get_dataset(db_session=db, dataset_id=dataset_id)
     return DatasetPublic.model_validate(dataset)
 
 
 @router.get("/{dataset_id}/arrays", response_class=Response)
-def arrays(dataset_id: int, db: SessionDep) -> Response:
+def arrays(dataset_id: DatasetId, db: SessionDep) -> Response:
     """X and y as an .npz file."""
     X, y = dataset_service.load_arrays(db_session=db, dataset_id=dataset_id)
     buffer = io.BytesIO()
@@ -130,7 +134,7 @@ def arrays(dataset_id: int, db: SessionDep) -> Response:
 
 
 @router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete(dataset_id: int, db: SessionDep) -> Response:
+def delete(dataset_id: DatasetId, db: SessionDep) -> Response:
     """Delete a dataset, unless a queued or running run uses it (409)."""
     dataset_service.delete_dataset(db_session=db, dataset_id=dataset_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)

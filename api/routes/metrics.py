@@ -76,7 +76,13 @@ def encode_cursor(cursor: history.Cursor | None) -> str | None:
     )
 
 
-def decode_cursor(cursor: str | None) -> history.Cursor | None:
+def _bad_cursor(cursor: str) -> SpecError:
+    return SpecError([FieldError("cursor", cursor, "not a cursor this API returned")])
+
+
+def decode_cursor(cursor: str | None, run_ids: Sequence[int]) -> history.Cursor | None:
+    """The position a ``next_cursor`` of a read of ``run_ids`` encodes; SpecError for any
+    other string (a cursor of another run's read included)."""
     if cursor is None:
         return None
     try:
@@ -85,8 +91,10 @@ def decode_cursor(cursor: str | None) -> history.Cursor | None:
             raise ValueError
         if not (0 < run_id < 2**31 and 0 < metric_id < 2**31 and 0 <= step <= MAX_STEP):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise SpecError([FieldError("cursor", cursor, "not a cursor this API returned")]) from exc
+    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
+        raise _bad_cursor(cursor) from exc
+    if run_id not in run_ids:
+        raise _bad_cursor(cursor)
     return run_id, metric_id, step
 
 
@@ -158,7 +166,7 @@ def _page(
     check_query(name, start, end)
     metric_ids = history.resolve(db_session=db, run_ids=run_ids, names=name, what=what)
     selection = history.Selection(run_ids, metric_ids, start, end)
-    after = decode_cursor(cursor)
+    after = decode_cursor(cursor, run_ids)
     if max_points is None:
         page = history.read_page(db_session=db, selection=selection, after=after, limit=limit)
     elif max_points > limit:

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from api.deps import RunId, SessionDep, SweepId
+from api.deps import Offset, RunId, SessionDep, SweepId
 from api.schemas import RunListed, RunPublic, RunsPublic, RunStatus
 from services import runs as run_service
 
@@ -29,7 +29,7 @@ def list_(
         bool | None, Query(description="only external runs (true) or only the cluster's (false)")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
 ) -> RunsPublic:
     """Runs in id order, optionally of one sweep, in one state, external or not; without their
     config and manifest unless ``fields`` asks for them."""

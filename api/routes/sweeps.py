@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
-from api.deps import SessionDep, SettingsDep, SweepId, wake_dispatcher
+from api.deps import Offset, SessionDep, SettingsDep, SweepId, wake_dispatcher
 from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.sweeps import SweepSpec, create_sweep, plan_sweep
@@ -51,7 +51,7 @@ def create(
 def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
 ) -> SweepsPublic:
     """Sweeps, newest first, with the number of their runs in each state."""
     sweeps, count = run_service.list_sweeps(db_session=db, limit=limit, offset=offset)
