@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from api import problems
+from api import openapi, problems
 from api.limits import BodySizeLimit
 from api.routes import (
     analysis,
@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Our own limit, not FastAPI's max_body_size: that one answers 413 in text/plain.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
+    openapi.install(app)
     v1 = APIRouter(prefix="/api/v1")
     v1.include_router(sweeps.router)
     v1.include_router(runs.router)

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.errors import Conflict, FieldError, NotFound, SpecError
@@ -36,6 +37,37 @@ TITLES = {
     501: "Not implemented",
     503: "Not ready",
 }
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+class ProblemField(BaseModel):
+    """One invalid field of a request."""
+
+    field: str = Field(description="where, as the client wrote it: base.data.n, grid.width[1]")
+    value: Any = Field(description="the value sent, shortened (non-finite numbers as words)")
+    reason: str
+
+
+class Problem(BaseModel):
+    """An error (RFC 9457 problem details), served as ``application/problem+json``."""
+
+    type: str = Field(description="a URI naming the kind of problem")
+    title: str
+    status: int = Field(description="the HTTP status code")
+    detail: str = Field(description="what went wrong, for people")
+    errors: list[ProblemField] | None = Field(
+        None, description="422: every invalid field of the request"
+    )
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` declaring ``statuses`` as problems (for route decorators)."""
+    return {
+        status: {"description": TITLES[status], "content": {PROBLEM: {"schema": PROBLEM_REF}}}
+        for status in statuses
+    }
+
+
 ECHO_DEPTH = 4  # levels of an invalid value shown in a problem
 ECHO_ITEMS = 20  # items of a list or object shown
 ECHO_CHARS = 200  # characters of a string shown

@@ -52,9 +52,13 @@ class RunFinish(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status: Literal["succeeded", "diverged", "failed", "cancelled"]
-    error: StoredText | None = Field(None, max_length=10_000)
-    summary: StoredJson = Field(default_factory=dict)
+    status: Literal["succeeded", "diverged", "failed", "cancelled"] = Field(
+        description="the run's final state"
+    )
+    error: StoredText | None = Field(None, max_length=10_000, description="what went wrong")
+    summary: StoredJson = Field(
+        default_factory=dict, description="any JSON object (at most max_config_bytes)"
+    )
 
 
 class PointIn(TypedDict):
@@ -66,8 +70,8 @@ class PointIn(TypedDict):
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
-    step: Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]
-    value: JsonNumber
+    step: Annotated[int, Field(ge=0, le=MAX_STEP, strict=True, description="0 to 2⁶³−1")]
+    value: Annotated[JsonNumber, Field(description='a number, "NaN", "Infinity" or "-Infinity"')]
 
 
 class SeriesIn(BaseModel):
@@ -76,7 +80,9 @@ class SeriesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
-    steps: list[Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]] = Field(min_length=1)
+    steps: list[Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]] = Field(
+        min_length=1, description="the steps of the points"
+    )
     values: list[JsonNumber] = Field(description="as many as steps; the i-th is at steps[i]")
 
 
@@ -92,8 +98,10 @@ class MetricBatchIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    points: list[PointIn] | None = Field(None, min_length=1)
-    series: list[SeriesIn] | None = Field(None, min_length=1)
+    points: list[PointIn] | None = Field(None, min_length=1, description="one object a point")
+    series: list[SeriesIn] | None = Field(
+        None, min_length=1, description="per metric, its steps and values (the compact form)"
+    )
 
     def size(self) -> int:
         """How many points the batch holds."""

@@ -46,7 +46,7 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
-    name: StoredText = Field("sweep", min_length=1, max_length=200)
+    name: StoredText = Field("sweep", min_length=1, max_length=200, description="a label")
     base: Annotated[dict[str, Any], AfterValidator(check_depth)] = Field(
         default_factory=dict, description="partial run config"
     )

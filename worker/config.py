@@ -212,7 +212,9 @@ class RunConfig(Strict):
     depth: int = Field(
         1, gt=0, description="H, hidden layers; two_layer has exactly one hidden layer"
     )
-    activation: Activation = "relu"
+    activation: Activation = Field(
+        "relu", description="σ of the hidden layers: relu, softplus, tanh or gelu"
+    )
     c_res: float = Field(
         0.25, gt=0, lt=1, description="resnet, conv_resnet: residual branches scaled c_res/(H√m)"
     )
@@ -230,7 +232,7 @@ class RunConfig(Strict):
         description="τ: trained weights start N(0, τ²); large τ is lazy, small τ learns "
         "features (Chizat et al. 2019)",
     )
-    data: DataConfig = DataConfig()
+    data: DataConfig = Field(DataConfig(), description="the training set")
     loss: Loss = Field(
         "mse",
         validate_default=True,

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import DatasetId, Offset, SessionDep, SettingsDep
-from api.problems import problem
+from api.problems import problem, problem_responses
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
 from services.settings import Settings
@@ -123,7 +123,16 @@ def get(dataset_id: DatasetId, db: SessionDep) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset)
 
 
-@router.get("/{dataset_id}/arrays", response_class=Response)
+@router.get(
+    "/{dataset_id}/arrays",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "X and y as an .npz file",
+            "content": {"application/x-npz": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
 def arrays(dataset_id: DatasetId, db: SessionDep) -> Response:
     """X and y as an .npz file."""
     X, y = dataset_service.load_arrays(db_session=db, dataset_id=dataset_id)
@@ -133,7 +142,9 @@ def arrays(dataset_id: DatasetId, db: SessionDep) -> Response:
     return Response(buffer.getvalue(), media_type="application/x-npz", headers=headers)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409)
+)
 def delete(dataset_id: DatasetId, db: SessionDep) -> Response:
     """Delete a dataset, unless a queued or running run uses it (409)."""
     dataset_service.delete_dataset(db_session=db, dataset_id=dataset_id)

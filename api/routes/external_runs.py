@@ -10,6 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, status
 
 from api.deps import RunId, SessionDep, SettingsDep
+from api.problems import problem_responses
 from api.schemas import RunPublic
 from services.external_runs import RunCreate, RunFinish, create_run, finish_run
 
@@ -22,7 +23,7 @@ def create(body: RunCreate, db: SessionDep, settings: SettingsDep) -> RunPublic:
     return RunPublic.model_validate(create_run(db_session=db, body=body, settings=settings))
 
 
-@router.post("/{run_id}/finish", response_model=RunPublic)
+@router.post("/{run_id}/finish", response_model=RunPublic, responses=problem_responses(409))
 def finish(run_id: RunId, body: RunFinish, db: SessionDep, settings: SettingsDep) -> RunPublic:
     """Finish an external run: its final status, and optionally an error and a summary."""
     run = finish_run(db_session=db, run_id=run_id, body=body, settings=settings)

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.problems import problem
+from api.problems import problem, problem_responses
 from services.cluster import leader
 
 router = APIRouter(tags=["health"])
@@ -18,7 +18,7 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None)
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
 def readyz(request: Request) -> dict[str, str] | JSONResponse:
     """The database answers, and Ray is connected when this process dispatches; also says
     whether a dispatcher leads (from its heartbeat)."""

@@ -11,14 +11,14 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from api.deps import RunId, SessionDep, SettingsDep, SweepId
-from api.problems import problem
+from api.problems import problem, problem_responses
 from api.schemas import MetricNames, MetricsPage
 from services import history
 from services import runs as run_service
@@ -205,11 +205,7 @@ def read(
     return _page(db, [run_id], what, name, start, end, cursor, limit, max_points, False)
 
 
-@router.post(
-    "/runs/{run_id}/metrics",
-    response_model=BatchStored,
-    responses={404: {}, 409: {}, 413: {}, 422: {}},
-)
+@router.post("/runs/{run_id}/metrics", response_model=BatchStored, responses=problem_responses(409))
 def log(run_id: RunId, batch: MetricBatchIn, db: SessionDep, settings: SettingsDep) -> BatchStored:
     """Log a batch of an external run (many metrics and steps); re-sent points are ignored.
 
@@ -223,7 +219,19 @@ def log(run_id: RunId, batch: MetricBatchIn, db: SessionDep, settings: SettingsD
     return BatchStored(received=batch.size(), stored=stored)
 
 
-@router.get("/runs/{run_id}/metrics/export", response_model=None)
+EXPORT_FILE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the points as CSV, or as a Parquet file",
+        "content": {
+            "text/csv": {"schema": {"type": "string"}},
+            "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+EXPORT = EXPORT_FILE | problem_responses(501)
+
+
+@router.get("/runs/{run_id}/metrics/export", response_class=Response, responses=EXPORT)
 def export_run(
     run_id: RunId,
     request: Request,
@@ -262,7 +270,7 @@ def read_sweep(
     return _page(db, run_ids, what, name, start, end, cursor, limit, max_points, True)
 
 
-@router.get("/sweeps/{sweep_id}/metrics/export", response_model=None)
+@router.get("/sweeps/{sweep_id}/metrics/export", response_class=Response, responses=EXPORT)
 def export_sweep(
     sweep_id: SweepId,
     request: Request,

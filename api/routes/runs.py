@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.deps import Offset, RunId, SessionDep, SweepId
+from api.problems import problem_responses
 from api.schemas import RunListed, RunPublic, RunsPublic, RunStatus
 from services import runs as run_service
 
@@ -54,7 +55,7 @@ def get(run_id: RunId, db: SessionDep) -> RunPublic:
     return RunPublic.model_validate(run_service.get_run(db_session=db, run_id=run_id))
 
 
-@router.post("/{run_id}/cancel", response_model=RunPublic)
+@router.post("/{run_id}/cancel", response_model=RunPublic, responses=problem_responses(409))
 def cancel(run_id: RunId, db: SessionDep) -> RunPublic:
     """Cancel a queued run now, or ask the dispatcher to stop a running one."""
     return RunPublic.model_validate(run_service.request_cancel(db_session=db, run_id=run_id))

@@ -14,7 +14,15 @@ from services.sweeps import SweepSpec, create_sweep, plan_sweep
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated | SweepPlan)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=None,
+    responses={
+        201: {"model": SweepCreated, "description": "the sweep and its runs, queued"},
+        200: {"model": SweepPlan, "description": "dry_run: the runs it expands to, not stored"},
+    },
+)
 def create(
     spec: SweepSpec,
     db: SessionDep,
