@@ -34,9 +34,10 @@ Optimizer = Literal["gd", "sgd"]
 # API validate ``data.n`` without importing scikit-learn.
 DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
 DIGITS_IMAGE_SHAPE = (8, 8)
-# Bounds of fields that the caps (services/settings.py) leave open: a seed must fit torch's
-# generators (int64), an id the id column (int32), and counts and cadences an int32 (a cadence
-# past it never fires in any run the step cap allows).
+# Flags are strict booleans (0.0 or "no" is a mistake, not False). Bounds of fields that the
+# caps (services/settings.py) leave open: a seed must fit torch's generators (int64), an id the
+# id column (int32), and counts and cadences an int32 (a cadence past it never fires in any run
+# the step cap allows).
 MAX_SEED = 2**63 - 1
 MAX_ID = 2**31 - 1
 MAX_COUNT = 2**31 - 1
@@ -115,7 +116,9 @@ class DataConfig(Strict):
         validate_default=True,
         description="dataset: the id of the uploaded dataset the dispatcher hands to the worker",
     )
-    normalize: bool = Field(True, description="scale every input to unit norm (the theory's case)")
+    normalize: bool = Field(
+        True, strict=True, description="scale every input to unit norm (the theory's case)"
+    )
     seed: int | None = Field(
         None,
         ge=0,
@@ -272,7 +275,9 @@ class RunConfig(Strict):
     gram_every: int = Field(
         10, gt=0, le=MAX_COUNT, description="K: Gram eigenvalues and relative change every K steps"
     )
-    gram_per_layer: bool = Field(False, description="also report every layer's Gram G⁽ʰ⁾")
+    gram_per_layer: bool = Field(
+        False, strict=True, description="also report every layer's Gram G⁽ʰ⁾"
+    )
     weights_every: int = Field(
         10,
         gt=0,
@@ -280,7 +285,9 @@ class RunConfig(Strict):
         description="weight distances and pattern flips every this many steps",
     )
     theory: bool = Field(
-        True, description="compute the infinite-width kernels and the predicted loss curve"
+        True,
+        strict=True,
+        description="compute the infinite-width kernels and the predicted loss curve",
     )
     theory_every: int = Field(
         10,

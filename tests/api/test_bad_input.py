@@ -121,6 +121,8 @@ NONFINITE = [
         "points[0].step",
         {"points": [{"metric": "m", "step": NAN, "value": 1}]},
     ),
+    post_raw("lr 1e400 (parses as inf)", "/sweeps", "base.lr", '{"base": {"lr": 1e400}}'),
+    post_raw("5,000-digit integer", "/sweeps", "body", '{"base": {"width": 1' + "0" * 5000 + "}}"),
     get("analysis threshold inf", "/runs/{ext}/analysis", "loss_threshold", loss_threshold="inf"),
     get("plot threshold nan", "/sweeps/{sweep}/plots/loss", "loss_threshold", loss_threshold="nan"),
 ]
@@ -459,6 +461,8 @@ BOUNDS = [
     post("grid seed 2^70", "/sweeps", "grid.seed[1]", SPEC | {"grid": {"seed": [0, HUGE]}}),
     post("d 10^9", "/sweeps", "base.data.d", data_with(d=10**9)),
     post("n past the memory cap", "/sweeps", "base.data.n", data_with(n=10**6)),
+    post("theory 0.0 (a flag)", "/sweeps", "grid.theory[0]", SPEC | {"grid": {"theory": [0.0]}}),
+    post("normalize 'yes'", "/sweeps", "base.data.normalize", data_with(normalize="yes")),
     post("gram_every 2^70", "/sweeps", "base.gram_every", spec_with(gram_every=HUGE)),
     post("emit_every 2^63", "/sweeps", "base.emit_every", spec_with(emit_every=INT64_OVER)),
     post(
