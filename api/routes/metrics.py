@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, WithJsonSchema
 
 from api.deps import RunId, SessionDep, SettingsDep, SweepId
 from api.problems import problem, problem_responses
@@ -33,6 +33,14 @@ router = APIRouter(tags=["metrics"])
 Names = Annotated[
     list[str] | None,
     Query(max_length=1000, description="metric names (repeatable); default: every metric"),
+    # As sent: absent or repeated names (check_query refuses one off the pattern, naming it).
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string", "pattern": NAME_PATTERN.pattern},
+            "maxItems": 1000,
+        }
+    ),
 ]
 Start = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")]
 End = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")]
