@@ -10,11 +10,12 @@ every request thread waits for that lock.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, TypeVar
 
 from anyio import CancelScope, to_thread
-from fastapi import Depends, Header, Path, Request
+from fastapi import Depends, Header, Path, Query, Request
 from pydantic import BaseModel
 from sqlalchemy.orm import Session
 
@@ -54,6 +55,7 @@ SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 RunId = Annotated[int, Path(ge=1, le=MAX_ID, description="a run's id")]
 SweepId = Annotated[int, Path(ge=1, le=MAX_ID, description="a sweep's id")]
 DatasetId = Annotated[int, Path(ge=1, le=MAX_ID, description="a dataset's id")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="items to skip")]
 
 
 async def wake_dispatcher(request: Request) -> None:
@@ -76,19 +78,26 @@ IdempotencyKeyHeader = Annotated[
 M = TypeVar("M", bound=BaseModel)
 
 
+def canonical(body: BaseModel) -> bytes:
+    """A request body's canonical bytes (for ``once``): escaped JSON, so text that cannot be
+    stored (a lone surrogate) is still hashed, and refused by validation afterwards."""
+    return json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()
+
+
 def once(
     db: Session,
     request: Request,
+    user_id: int,
     key: str | None,
     content: bytes,
     create: Callable[[], M],
     status: int = 201,
 ) -> M:
-    """``create()`` unless this ``Idempotency-Key`` was answered before (then that answer is
-    sent again: services/idempotency.py); the key, the answer and what was created commit
-    together."""
+    """``create()`` unless this user's ``Idempotency-Key`` was answered before (then that answer
+    is sent again: services/idempotency.py); the key, the answer and what was created commit
+    together. Keys are per user: another user's same key is another request."""
     settings: Settings = request.app.state.settings
-    scope = f"{request.method} {request.url.path}"
+    scope = f"{user_id} {request.method} {request.url.path}"
     idempotency.claim(
         db_session=db, scope=scope, key=key, request=content, ttl_s=settings.idempotency_ttl_s
     )

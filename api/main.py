@@ -8,14 +8,12 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from pydantic import BaseModel
 
-from api import problems
+from api import openapi, problems
 from api.auth import Limiter, current_user
 from api.limits import BodySizeLimit
 from api.routes import (
@@ -124,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Our own limit, not FastAPI's max_body_size: that one answers 413 in text/plain.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     problems.install(app)
+    openapi.install(app, MetricBatchIn)  # validated by its route from the raw bytes
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(current_user)])
     v1.include_router(sweeps.router)
     v1.include_router(runs.router)
@@ -135,22 +134,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(dashboard.router)
     dashboard.mount_static(app)
-    document_bodies(app, MetricBatchIn)
     return app
-
-
-def document_bodies(app: FastAPI, *models: type[BaseModel]) -> None:
-    """Put ``models`` — request bodies that routes validate themselves from the raw bytes (and
-    reference in ``openapi_extra``) — into the OpenAPI document's components."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in models:
-                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components |= body.pop("$defs", {}) | {model.__name__: body}
-        return app.openapi_schema  # type: ignore[return-value]
-
-    app.openapi = openapi  # type: ignore[method-assign]

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import zipfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -31,6 +34,8 @@ from sqlalchemy.orm import Session
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.models import Dataset, Run
 from services.settings import Settings
+from services.storable import StoredText
+from worker.config import DataConfig, RunConfig
 from worker.separation import PARALLEL_TOLERANCE, cosine_blocks, separation, unit_rows
 
 NEAR_PARALLEL_COS = 1 - PARALLEL_TOLERANCE  # |cos| at or above: an angle under ~0.08°
@@ -45,7 +50,7 @@ class DatasetCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: StoredText = Field(min_length=1, max_length=200)
     X: list[list[Number]] = Field(description="n rows of d inputs")
     y: list[Number] | list[list[Number]] = Field(description="n labels, or n rows of k labels")
 
@@ -100,36 +105,70 @@ def _width(y: Sequence[Any]) -> int:
     return len(y[0]) if y and isinstance(y[0], list) else 0
 
 
-def arrays_from_npz(data: bytes, settings: Settings) -> Arrays:
-    """X and y of an ``.npz`` upload; its declared sizes are checked before anything is read."""
+NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def _declared(archive: zipfile.ZipFile, key: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The shape and dtype that member ``key`` of an .npz declares, read from its header alone
+    (``numpy.load`` allocates the declared shape before it reads a byte of data)."""
+    with archive.open(f"{key}.npy") as member:
+        version = npy_format.read_magic(member)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(member)
+        else:
+            shape, _, dtype = npy_format.read_array_header_2_0(member)
+    return tuple(shape), dtype
+
+
+def _check_declared(
+    key: str, shape: tuple[int, ...], dtype: np.dtype[Any], settings: Settings
+) -> FieldError | None:
+    """A FieldError for a non-numeric dtype or too many rows; TooLarge past the byte cap."""
+    if dtype.hasobject or dtype.kind not in "fiub":
+        return FieldError(key, str(dtype), "needs a numeric dtype (float, int or bool)")
+    size = 8 * math.prod(shape)  # float64 once converted
+    if size > settings.max_dataset_bytes:
+        raise TooLarge(
+            f"{key} declares shape {shape}: {size} bytes of float64, over the cap "
+            f"{settings.max_dataset_bytes} (raise it with OVERPARAM_MAX_DATASET_BYTES)"
+        )
+    if shape and shape[0] > settings.max_n:
+        return FieldError(
+            key, f"{shape[0]} rows", f"over the cap {settings.max_n} (OVERPARAM_MAX_N)"
+        )
+    return None
+
+
+def _read_member(archive: zipfile.ZipFile, key: str, settings: Settings) -> np.ndarray:
+    """Member ``key`` of an .npz, its header checked before its data is read."""
+    if f"{key}.npy" not in archive.namelist():
+        raise SpecError([FieldError(key, None, f"the .npz has no array {key!r}")])
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            declared = sum(info.file_size for info in archive.infolist())
+        shape, dtype = _declared(archive, key)
+        error = _check_declared(key, shape, dtype, settings)
+        if error:
+            raise SpecError([error])
+        with archive.open(f"{key}.npy") as member:
+            return np.asarray(npy_format.read_array(member, allow_pickle=False))
+    except NPZ_ERRORS as exc:
+        raise SpecError([FieldError(key, None, f"not a readable .npy array: {exc}")]) from exc
+
+
+def arrays_from_npz(data: bytes, settings: Settings) -> Arrays:
+    """X and y of an ``.npz`` upload; the sizes its zip and .npy headers declare are checked
+    before anything is unpacked."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
     except zipfile.BadZipFile as exc:
         raise SpecError([FieldError("body", f"{len(data)} bytes", "not an .npz file")]) from exc
-    if declared > settings.max_dataset_bytes + 4096:  # .npy headers are small
-        raise TooLarge(
-            f"the .npz unpacks to {declared} bytes, over the cap {settings.max_dataset_bytes}"
-            " (raise it with OVERPARAM_MAX_DATASET_BYTES)"
-        )
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            missing = [key for key in ("X", "y") if key not in npz.files]
-            if missing:
-                raise SpecError(
-                    [FieldError(key, None, f"the .npz has no array {key!r}") for key in missing]
-                )
-            X, y = npz["X"], npz["y"]
-    except (ValueError, OSError) as exc:
-        raise SpecError([FieldError("body", None, f"unreadable .npz: {exc}")]) from exc
-    errors = [
-        FieldError(key, str(array.dtype), "needs a numeric dtype (float, int or bool)")
-        for key, array in (("X", X), ("y", y))
-        if array.dtype.kind not in "fiub"
-    ]
-    if errors:
-        raise SpecError(errors)
-    _byte_cap(X.size + y.size, settings)
+    with archive:
+        declared = sum(info.file_size for info in archive.infolist())
+        if declared > settings.max_dataset_bytes + 4096:  # .npy headers are small
+            raise TooLarge(
+                f"the .npz unpacks to {declared} bytes, over the cap {settings.max_dataset_bytes}"
+                " (raise it with OVERPARAM_MAX_DATASET_BYTES)"
+            )
+        X, y = (_read_member(archive, key, settings) for key in ("X", "y"))
     return validate(X.astype(np.float64), y.astype(np.float64), settings)
 
 
@@ -251,6 +290,52 @@ def load_arrays(*, db_session: Session, dataset_id: int) -> tuple[np.ndarray, np
     if dataset.label_dim:
         y = y.reshape(dataset.n, dataset.label_dim)
     return X.astype(np.float64), y.astype(np.float64)
+
+
+class DatasetCheck:
+    """Checks a run config against the dataset it names, before the run is queued (the worker
+    would find a missing dataset or a wrong shape only when the run starts): called with a
+    RunConfig, it returns the (field, value, reason) of each disagreement. Datasets and label
+    checks are looked up once per sweep."""
+
+    def __init__(self, db_session: Session) -> None:
+        self.db_session = db_session
+        self.class_checks: dict[tuple[int, int], bool] = {}
+
+    def __call__(self, cfg: RunConfig) -> list[tuple[str, Any, str]]:
+        data = cfg.data
+        if data.kind != "dataset" or data.dataset_id is None:
+            return []
+        dataset = self.db_session.get(Dataset, data.dataset_id)
+        if dataset is None:
+            reason = "no dataset has this id (upload one with POST /api/v1/datasets)"
+            return [("data.dataset_id", data.dataset_id, reason)]
+        label_dim = max(1, dataset.label_dim)
+        shown = f"dataset {dataset.id} ({dataset.n} × {dataset.d}, y with {label_dim} columns)"
+        problems = [
+            (f"data.{name}", mine, f"disagrees with {shown}")
+            for name, mine, theirs in (
+                ("n", data.n, dataset.n),
+                ("d", data.d, dataset.d),
+                ("label_dim", data.label_dim, label_dim),
+            )
+            if mine != theirs
+        ]
+        if cfg.loss == "cross_entropy" and data.num_classes and not self._classes(dataset, data):
+            reason = f"y of dataset {dataset.id} holds values other than 0..{data.num_classes - 1}"
+            problems.append(("data.num_classes", data.num_classes, reason))
+        return problems
+
+    def _classes(self, dataset: Dataset, data: DataConfig) -> bool:
+        """Whether every label of ``dataset`` is a class index below ``data.num_classes``."""
+        assert data.num_classes is not None
+        key = (dataset.id, data.num_classes)
+        if key not in self.class_checks:
+            y = np.frombuffer(dataset.y_data, dtype="<f8")
+            self.class_checks[key] = bool(
+                np.all((y == np.round(y)) & (y >= 0) & (y < data.num_classes))
+            )
+        return self.class_checks[key]
 
 
 def referenced_by(config: dict[str, Any], dataset_id: int) -> bool:

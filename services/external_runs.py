@@ -27,6 +27,7 @@ from services.models import FINAL_STATUSES, Run, utcnow
 from services.numbers import JsonNumber, json_safe
 from services.runs import get_run, transition
 from services.settings import Settings
+from services.storable import StoredJson, StoredText
 from services.sweeps import SweepSpec, create_sweep
 from services.users import Forbidden
 
@@ -36,13 +37,15 @@ class RunCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    config: dict[str, Any] = Field(
+    config: StoredJson = Field(
         description="a RunConfig for a queued run; any JSON object for an external one"
     )
     external: bool = Field(
         False, description="logged to by its own client over REST instead of the cluster"
     )
-    name: str = Field("run", min_length=1, max_length=200, description="of a queued run's sweep")
+    name: StoredText = Field(
+        "run", min_length=1, max_length=200, description="of a queued run's sweep"
+    )
 
 
 class RunFinish(BaseModel):
@@ -50,9 +53,13 @@ class RunFinish(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    status: Literal["succeeded", "diverged", "failed", "cancelled"]
-    error: str | None = Field(None, max_length=10_000)
-    summary: dict[str, Any] = Field(default_factory=dict)
+    status: Literal["succeeded", "diverged", "failed", "cancelled"] = Field(
+        description="the run's final state"
+    )
+    error: StoredText | None = Field(None, max_length=10_000, description="what went wrong")
+    summary: StoredJson = Field(
+        default_factory=dict, description="any JSON object (at most max_config_bytes)"
+    )
 
 
 class PointIn(TypedDict):
@@ -64,8 +71,8 @@ class PointIn(TypedDict):
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
     metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
-    step: Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]
-    value: JsonNumber
+    step: Annotated[int, Field(ge=0, le=MAX_STEP, strict=True, description="0 to 2⁶³−1")]
+    value: Annotated[JsonNumber, Field(description='a number, "NaN", "Infinity" or "-Infinity"')]
 
 
 class SeriesIn(BaseModel):
@@ -74,7 +81,9 @@ class SeriesIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     metric: Annotated[str, Field(max_length=128, description="[A-Za-z0-9_.-/]{1,128}")]
-    steps: list[Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]] = Field(min_length=1)
+    steps: list[Annotated[int, Field(ge=0, le=MAX_STEP, strict=True)]] = Field(
+        min_length=1, description="the steps of the points"
+    )
     values: list[JsonNumber] = Field(description="as many as steps; the i-th is at steps[i]")
 
 
@@ -90,8 +99,10 @@ class MetricBatchIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    points: list[PointIn] | None = Field(None, min_length=1)
-    series: list[SeriesIn] | None = Field(None, min_length=1)
+    points: list[PointIn] | None = Field(None, min_length=1, description="one object a point")
+    series: list[SeriesIn] | None = Field(
+        None, min_length=1, description="per metric, its steps and values (the compact form)"
+    )
 
     def size(self) -> int:
         """How many points the batch holds."""

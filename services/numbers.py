@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 from pydantic_core import to_json
 
 if TYPE_CHECKING:
@@ -45,7 +45,11 @@ def parse_number(value: Any) -> float:
 
 
 # A validator (not a union) so that a bad value is one error, not one per union member.
-JsonNumber = Annotated[float, BeforeValidator(parse_number)]
+JsonNumber = Annotated[
+    float,
+    BeforeValidator(parse_number),
+    WithJsonSchema({"anyOf": [{"type": "number"}, {"enum": list(WORDS)}]}),
+]
 
 
 def json_safe(value: Any) -> Any:

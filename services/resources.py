@@ -2,9 +2,11 @@
 
 A sweep spec may set ``resources``; what it leaves out is estimated from the run's size:
 parameters (weights, initial weights for distances, gradients, a checkpoint copy), activations
-(inputs, pre-activations and backprop signals of every layer, for the n points), and the n×n
-float64 Gram matrices (one per layer plus H(k) and H(0)). Fractional GPUs are only Ray's
-bookkeeping, so the worker also caps torch's share of GPU memory to the same fraction.
+(inputs, pre-activations and backprop signals of every layer, for the n points), the n×n
+float64 Gram matrices (one per layer plus H(k) and H(0)) and a teacher network's weights and
+activations. Sweeps refuse runs whose estimate exceeds ``max_run_memory_mb``. Fractional GPUs
+are only Ray's bookkeeping, so the worker also caps torch's share of GPU memory to the same
+fraction.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class ResourceSpec(BaseModel):
     gpus: float | None = Field(
         None, ge=0, le=64, description="GPUs per run; a fraction < 1 shares a GPU"
     )
-    memory_mb: int | None = Field(None, gt=0, description="host memory per run (MiB)")
+    memory_mb: int | None = Field(
+        None, gt=0, le=2**24, description="host memory per run (MiB, at most 16 TiB)"
+    )
 
     @field_validator("gpus")
     @classmethod
@@ -54,14 +58,43 @@ class ResourceRequest:
         return cls(float(data["cpus"]), float(data["gpus"]), int(data["memory_bytes"]))
 
 
+def output_field(cfg: RunConfig) -> str:
+    """The config field that sets the number of outputs C."""
+    if cfg.loss == "mse":
+        return "data.label_dim"
+    return {"digits": "data.classes", "dataset": "data.num_classes"}.get(cfg.data.kind, "loss")
+
+
+def largest_factor(cfg: RunConfig) -> str:
+    """The field of the largest factor of the parameter count: the one to lower."""
+    factors = {"width": cfg.width, "data.d": cfg.data.d, output_field(cfg): cfg.num_outputs}
+    if cfg.arch == "conv_resnet":
+        factors["kernel_size"] = cfg.patch_size
+    return max(factors, key=lambda name: factors[name])
+
+
+def memory_terms(cfg: RunConfig) -> dict[str, int]:
+    """Bytes a run needs beyond the runtime itself (see the module docstring), by the config
+    field that drives each term (the largest names the field to lower)."""
+    width_bytes = 8 if cfg.dtype == "float64" else 4
+    n, layers = cfg.data.n, cfg.depth + 1
+    widest = max(cfg.width, cfg.data.d)
+    terms = {
+        largest_factor(cfg): cfg.weight_count() * width_bytes * 4,  # trained or fixed
+        "data.n": n**2 * 8 * (layers + 2),  # the Grams
+    }
+    activations = n * widest * layers * width_bytes * 3
+    field = "data.n" if n >= widest else ("width" if cfg.width >= cfg.data.d else "data.d")
+    terms[field] = terms.get(field, 0) + activations
+    if cfg.data.kind == "sphere" and cfg.data.labels == "teacher":
+        k = cfg.data.teacher_width
+        terms["data.teacher_width"] = (n * k + k * cfg.data.d + k) * 8
+    return terms
+
+
 def estimate_memory_bytes(cfg: RunConfig) -> int:
     """Bytes a run needs beyond the runtime itself (see the module docstring)."""
-    width_bytes = 8 if cfg.dtype == "float64" else 4
-    layers = cfg.depth + 1
-    params = cfg.weight_count() * width_bytes * 4
-    activations = cfg.data.n * max(cfg.width, cfg.data.d) * layers * width_bytes * 3
-    grams = cfg.data.n**2 * 8 * (layers + 2)
-    return params + activations + grams
+    return sum(memory_terms(cfg).values())
 
 
 def resolve(spec: ResourceSpec, cfg: RunConfig, settings: Settings) -> ResourceRequest:

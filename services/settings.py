@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     max_n: int = Field(8_192, gt=0)
     max_steps: int = Field(1_000_000, gt=0)
     max_parameters: int = Field(200_000_000, gt=0)
+    max_run_memory_mb: int = Field(
+        65_536, gt=0, description="cap on a run's estimated memory (services/resources.py)"
+    )
     max_runs_per_sweep: int = Field(1_000, gt=0)
     max_request_bytes: int = Field(8 * 1024 * 1024, gt=0)
 

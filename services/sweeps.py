@@ -15,19 +15,28 @@ import copy
 import difflib
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from services.cluster import cluster_nodes
+from services.datasets import DatasetCheck
 from services.errors import FieldError, SpecError
 from services.manifest import base_manifest
 from services.models import Run, Sweep
-from services.resources import ResourceSpec, resolve, why_it_cannot_fit
+from services.resources import (
+    MIB,
+    ResourceSpec,
+    largest_factor,
+    memory_terms,
+    resolve,
+    why_it_cannot_fit,
+)
 from services.settings import Settings
+from services.storable import StoredText, check_depth
 from worker.config import RunConfig
 
 
@@ -37,12 +46,14 @@ class SweepSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
-    name: str = Field("sweep", min_length=1, max_length=200)
-    base: dict[str, Any] = Field(default_factory=dict, description="partial run config")
-    grid: dict[str, list[Any]] = Field(
+    name: StoredText = Field("sweep", min_length=1, max_length=200, description="a label")
+    base: Annotated[dict[str, Any], AfterValidator(check_depth)] = Field(
+        default_factory=dict, description="partial run config"
+    )
+    grid: Annotated[dict[str, list[Any]], AfterValidator(check_depth)] = Field(
         default_factory=dict, description="dotted field path -> values (cartesian product)"
     )
-    runs: list[dict[str, Any]] = Field(
+    runs: Annotated[list[dict[str, Any]], AfterValidator(check_depth)] = Field(
         default_factory=list, description="explicit override sets, each crossed with the grid"
     )
     resources: ResourceSpec = Field(
@@ -52,6 +63,9 @@ class SweepSpec(BaseModel):
     priority: int = Field(
         0, ge=-1000, le=1000, description="among its owner's queued runs, higher starts first"
     )
+
+
+RunCheck = Callable[[RunConfig], list[tuple[str, Any, str]]]
 
 
 @dataclass(frozen=True)
@@ -133,6 +147,7 @@ def _caps(cfg: RunConfig, settings: Settings) -> list[tuple[str, Any, str]]:
         ("depth", cfg.depth, settings.max_depth, "OVERPARAM_MAX_DEPTH"),
         ("data.n", cfg.data.n, settings.max_n, "OVERPARAM_MAX_N"),
         ("steps", cfg.steps, settings.max_steps, "OVERPARAM_MAX_STEPS"),
+        ("data.teacher_width", cfg.data.teacher_width, settings.max_width, "OVERPARAM_MAX_WIDTH"),
     ]
     out = [
         (field, value, f"exceeds the cap {cap} (raise it with {env})")
@@ -141,15 +156,35 @@ def _caps(cfg: RunConfig, settings: Settings) -> list[tuple[str, Any, str]]:
     ]
     params = cfg.weight_count()  # fixed layers (train_layers) take memory too
     if params > settings.max_parameters:
-        out.append(
-            (
-                "width",
-                cfg.width,
-                f"gives {params} parameters (trained or fixed), over the cap "
-                f"{settings.max_parameters} (raise it with OVERPARAM_MAX_PARAMETERS)",
-            )
+        field = largest_factor(cfg)
+        reason = (
+            f"gives {params} parameters (trained or fixed), over the cap "
+            f"{settings.max_parameters} (raise it with OVERPARAM_MAX_PARAMETERS)"
         )
-    return out
+        out.append((field, _value(cfg, field), reason))
+    return out + _memory_cap(cfg, settings)
+
+
+def _value(cfg: RunConfig, path: str) -> Any:
+    """The value of the dotted field ``path`` of ``cfg``."""
+    value: Any = cfg
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _memory_cap(cfg: RunConfig, settings: Settings) -> list[tuple[str, Any, str]]:
+    """The run's estimated memory over ``max_run_memory_mb``, blamed on its largest term."""
+    terms = memory_terms(cfg)
+    total_mb = sum(terms.values()) // MIB
+    if total_mb <= settings.max_run_memory_mb:
+        return []
+    field = max(terms, key=lambda name: terms[name])
+    reason = (
+        f"needs an estimated {total_mb} MiB, over the cap {settings.max_run_memory_mb} MiB "
+        "per run (raise it with OVERPARAM_MAX_RUN_MEMORY_MB)"
+    )
+    return [(field, _value(cfg, field), reason)]
 
 
 def _where(path: str, grid_index: dict[str, int], explicit: dict[str, Any], j: int) -> str:
@@ -162,11 +197,11 @@ def _where(path: str, grid_index: dict[str, int], explicit: dict[str, Any], j: i
 
 
 def _validate(
-    base: dict[str, Any], overrides: dict[str, Any], settings: Settings
+    base: dict[str, Any], overrides: dict[str, Any], settings: Settings, check: RunCheck
 ) -> tuple[RunConfig | None, list[tuple[str, Any, str]]]:
     """``base`` with ``overrides`` (dotted paths) as a RunConfig, or the (path, value, reason)
-    of each problem: pydantic's errors (an unknown key worded with its closest field) or the
-    caps the config exceeds."""
+    of each problem: pydantic's errors (an unknown key worded with its closest field), the
+    caps the config exceeds or what ``check`` finds."""
     merged = copy.deepcopy(base)
     for path, value in overrides.items():
         _set_path(merged, path, value)
@@ -179,7 +214,7 @@ def _validate(
             reason = unknown_field(path, RUN_FIELDS) if e["type"] == "extra_forbidden" else e["msg"]
             problems.append((path, e.get("input"), reason))
         return None, problems
-    return cfg, _caps(cfg, settings)
+    return cfg, _caps(cfg, settings) + check(cfg)
 
 
 def _unique(errors: Iterable[FieldError]) -> list[FieldError]:
@@ -203,9 +238,14 @@ def _combinations(spec: SweepSpec) -> Iterator[tuple[dict[str, int], int, dict[s
             yield dict(zip(grid, combo, strict=True)), j, overrides
 
 
-def expand(spec: SweepSpec, settings: Settings) -> list[ExpandedRun]:
+def _no_check(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    return []
+
+
+def expand(spec: SweepSpec, settings: Settings, check: RunCheck = _no_check) -> list[ExpandedRun]:
     """Validate ``spec`` and expand it into run configs, or raise SpecError naming every bad
-    field (past the run cap, only the first cap's worth of runs is validated)."""
+    field (past the run cap, only the first cap's worth of runs is validated). ``check`` adds
+    the (path, value, reason) of problems a valid config can still have (its dataset)."""
     errors = _check_keys(spec)
     total = count_runs(spec)
     if total > settings.max_runs_per_sweep:
@@ -221,7 +261,7 @@ def expand(spec: SweepSpec, settings: Settings) -> list[ExpandedRun]:
     combinations = itertools.islice(_combinations(spec), settings.max_runs_per_sweep)
     for grid_index, j, explicit in combinations:
         overrides = {k: spec.grid[k][i] for k, i in grid_index.items()} | explicit
-        cfg, problems = _validate(spec.base, overrides, settings)
+        cfg, problems = _validate(spec.base, overrides, settings, check)
         if cfg is not None and not problems:
             runs.append(ExpandedRun(config=cfg, overrides=overrides))
         for path, value, reason in problems:
@@ -242,8 +282,9 @@ class PlannedRun:
 
 def plan_sweep(*, db_session: Session, spec: SweepSpec, settings: Settings) -> list[PlannedRun]:
     """Validate and expand ``spec``, and check that every run fits on a node the dispatcher
-    last saw; stores nothing (``POST /sweeps?dry_run=true`` answers with this)."""
-    expanded = expand(spec, settings)
+    last saw, and that its uploaded dataset exists and has the shape its config says; stores
+    nothing (``POST /sweeps?dry_run=true`` answers with this)."""
+    expanded = expand(spec, settings, DatasetCheck(db_session))
     requests = [resolve(spec.resources, item.config, settings) for item in expanded]
     nodes = cluster_nodes(db_session=db_session)
     for item, request in zip(expanded, requests, strict=True):

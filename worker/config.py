@@ -37,6 +37,13 @@ Optimizer = Literal["gd", "sgd"]
 DIGITS_CLASS_COUNTS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
 DIGITS_IMAGE_SHAPE = (8, 8)
 OUTPUT_LAYER = "out"  # the name of the output weights a; hidden layers are layer1 … layerH
+# Flags are strict booleans (0.0 or "no" is a mistake, not False). Bounds of fields that the
+# caps (services/settings.py) leave open: a seed must fit torch's generators (int64), an id the
+# id column (int32), and counts and cadences an int32 (a cadence past it never fires in any run
+# the step cap allows).
+MAX_SEED = 2**63 - 1
+MAX_ID = 2**31 - 1
+MAX_COUNT = 2**31 - 1
 
 
 class Strict(BaseModel):
@@ -84,7 +91,9 @@ class DataConfig(Strict):
         description="sphere: y ~ N(0, 1), y uniform in {-1, +1}, or y = a two-layer ReLU "
         "teacher network's output (its sign for cross_entropy)",
     )
-    teacher_width: int = Field(16, gt=0, description="hidden units of the teacher network")
+    teacher_width: int = Field(
+        16, gt=0, description="hidden units of the teacher network (at most the width cap)"
+    )
     label_noise: float = Field(
         0.0,
         ge=0,
@@ -92,20 +101,32 @@ class DataConfig(Strict):
         description="fraction of labels replaced by random ones (1: fully random labels)",
     )
     num_classes: int | None = Field(
-        None, ge=2, description="dataset with cross_entropy: y holds class indices 0..C-1"
+        None,
+        ge=2,
+        le=MAX_COUNT,
+        description="dataset with cross_entropy: y holds class indices 0..C-1",
     )
     label_dim: int = Field(
-        1, ge=1, description="dataset: columns k of y; mse fits k outputs when y is (n, k)"
+        1,
+        ge=1,
+        le=MAX_COUNT,
+        description="dataset: columns k of y; mse fits k outputs when y is (n, k)",
     )
     dataset_id: int | None = Field(
         None,
         ge=1,
+        le=MAX_ID,
         validate_default=True,
         description="dataset: the id of the uploaded dataset the dispatcher hands to the worker",
     )
-    normalize: bool = Field(True, description="scale every input to unit norm (the theory's case)")
+    normalize: bool = Field(
+        True, strict=True, description="scale every input to unit norm (the theory's case)"
+    )
     seed: int | None = Field(
-        None, ge=0, description="data seed; defaults to the run seed so each seed is a new draw"
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="data seed; defaults to the run seed so each seed is a new draw",
     )
 
     @model_validator(mode="before")
@@ -197,7 +218,9 @@ class RunConfig(Strict):
     depth: int = Field(
         1, gt=0, description="H, hidden layers; two_layer has exactly one hidden layer"
     )
-    activation: Activation = "relu"
+    activation: Activation = Field(
+        "relu", description="σ of the hidden layers: relu, softplus, tanh or gelu"
+    )
     train_layers: TrainLayers = Field(
         "all",
         description="the weights GD trains (fc, resnet, conv_resnet; two_layer trains W only): "
@@ -217,6 +240,7 @@ class RunConfig(Strict):
     kernel_size: int = Field(
         3,
         gt=0,
+        le=MAX_COUNT,
         description="conv_resnet: patch width k (odd, zero padding k//2); q = k positions "
         "in 1-D, k² in 2-D",
     )
@@ -227,7 +251,7 @@ class RunConfig(Strict):
         description="τ: trained weights start N(0, τ²); large τ is lazy, small τ learns "
         "features (Chizat et al. 2019)",
     )
-    data: DataConfig = DataConfig()
+    data: DataConfig = Field(DataConfig(), description="the training set")
     loss: Loss = Field(
         "mse",
         validate_default=True,
@@ -239,7 +263,9 @@ class RunConfig(Strict):
     batch_size: int | None = Field(
         None, gt=0, description="sgd: examples per step (default ⌈n/4⌉), drawn without replacement"
     )
-    seed: int = Field(0, ge=0, description="seeds the initialization (and the data by default)")
+    seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seeds the initialization (and the data by default)"
+    )
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] | Literal["auto"] = Field(
         0.1, description="step size η, or 'auto': lr_fraction · 2/λ_max(H(0))"
     )
@@ -251,46 +277,70 @@ class RunConfig(Strict):
         0.0, ge=0, allow_inf_nan=False, description="stop once the loss falls below this (0: never)"
     )
     divergence_bound: float = Field(
-        1e12, gt=0, description="a loss above this (or NaN/inf) ends the run as 'diverged'"
+        1e12,
+        gt=0,
+        allow_inf_nan=False,
+        description="a loss above this (or NaN/inf) ends the run as 'diverged'",
     )
     max_wall_time_s: float | None = Field(
-        None, gt=0, description="stop after this much training time (summed over resumes)"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="stop after this much training time (summed over resumes)",
     )
     gram_every: int = Field(
-        10, gt=0, description="K: Gram eigenvalues and relative change every K steps"
+        10, gt=0, le=MAX_COUNT, description="K: Gram eigenvalues and relative change every K steps"
     )
-    gram_per_layer: bool = Field(False, description="also report every layer's Gram G⁽ʰ⁾")
+    gram_per_layer: bool = Field(
+        False, strict=True, description="also report every layer's Gram G⁽ʰ⁾"
+    )
     gram_full_outputs: bool = Field(
         False,
+        strict=True,
         description="with C > 1 outputs, also λ_min and λ_max of the whole nC×nC NTK (the "
         "Gram reports the mean of its C diagonal blocks): C² times the Gram's products and an "
         "nC×nC eigenproblem each Gram step",
     )
     weights_every: int = Field(
-        10, gt=0, description="weight distances and pattern flips every this many steps"
+        10,
+        gt=0,
+        le=MAX_COUNT,
+        description="weight distances and pattern flips every this many steps",
     )
     theory: bool = Field(
-        True, description="compute the infinite-width kernels and the predicted loss curve"
+        True,
+        strict=True,
+        description="compute the infinite-width kernels and the predicted loss curve",
     )
     theory_every: int = Field(
-        10, gt=0, description="predicted loss curves are reported every this many steps"
+        10,
+        gt=0,
+        le=MAX_COUNT,
+        description="predicted loss curves are reported every this many steps",
     )
-    spectrum_steps: tuple[int, ...] = Field(
+    spectrum_steps: tuple[Annotated[int, Field(ge=0, le=MAX_COUNT)], ...] = Field(
         (), max_length=64, description="steps at which full Gram eigenvalue spectra are reported"
     )
     eig_dense_max_n: int = Field(
         2048,
         gt=0,
+        le=MAX_COUNT,
         description="above this n, extreme eigenvalues come from Lanczos (ARPACK), not eigvalsh",
     )
     dtype: Literal["float32", "float64"] = Field(
         "float64", description="training precision; Grams and eigenvalues are always float64"
     )
     emit_every: int = Field(
-        50, gt=0, description="metric points are sent to the service in batches of this many steps"
+        50,
+        gt=0,
+        le=MAX_COUNT,
+        description="metric points are sent to the service in batches of this many steps",
     )
     checkpoint_every: int = Field(
-        200, gt=0, description="steps between checkpoints (when the worker is given a directory)"
+        200,
+        gt=0,
+        le=MAX_COUNT,
+        description="steps between checkpoints (when the worker is given a directory)",
     )
 
     @field_validator("depth")

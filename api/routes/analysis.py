@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Response
 
-from api.deps import SessionDep
+from api.deps import RunId, SessionDep, SweepId
 from services import plots
 from services import runs as run_service
 from services.analysis import run_analysis
@@ -23,6 +23,7 @@ Threshold = Annotated[
     float | None,
     Query(
         gt=0,
+        allow_inf_nan=False,
         description="loss threshold for 'steps to threshold' (default: the run config's "
         "loss_threshold, else 1e-3 × the initial loss)",
     ),
@@ -35,12 +36,13 @@ RunPlotKind = Literal["loss", "lambda_min", "lambda0_ratio", "movement"]
 PNG: dict[int | str, dict[str, Any]] = {
     200: {"content": {"image/png": {}}, "description": "a PNG image"}
 }
+NAME = r"^[A-Za-z0-9_.\-]{1,100}$"  # a (dotted) parameter or quantity name
 NO_STORE = {"Cache-Control": "no-store"}  # a running sweep's figure changes between requests
 
 
 @router.get("/runs/{run_id}/analysis", response_model=dict[str, Any])
 def run_(
-    run_id: int, db: SessionDep, loss_threshold: Threshold = None, recompute: Recompute = False
+    run_id: RunId, db: SessionDep, loss_threshold: Threshold = None, recompute: Recompute = False
 ) -> dict[str, Any]:
     """Fitted convergence rate vs theory, steps to threshold, λ_min stability, movement, regime."""
     run = run_service.get_run(db_session=db, run_id=run_id)
@@ -51,7 +53,10 @@ def run_(
 
 @router.get("/sweeps/{sweep_id}/analysis", response_model=dict[str, Any])
 def sweep(
-    sweep_id: int, db: SessionDep, loss_threshold: Threshold = None, recompute: Recompute = False
+    sweep_id: SweepId,
+    db: SessionDep,
+    loss_threshold: Threshold = None,
+    recompute: Recompute = False,
 ) -> dict[str, Any]:
     """Runs grouped by the swept parameters over seeds, scaling-law fits, smallest widths."""
     return sweep_analysis(
@@ -61,16 +66,22 @@ def sweep(
 
 @router.get("/sweeps/{sweep_id}/plots/{kind}", response_class=Response, responses=PNG)
 def sweep_plot(
-    sweep_id: int,
+    sweep_id: SweepId,
     kind: SweepPlotKind,
     db: SessionDep,
     color_by: Annotated[
-        str | None, Query(description="swept parameter to colour by (default: width if swept)")
+        str | None,
+        Query(pattern=NAME, description="swept parameter to colour by (default: width if swept)"),
     ] = None,
-    x: Annotated[str, Query(description="scaling: the swept parameter on the x axis")] = "width",
+    x: Annotated[
+        str, Query(pattern=NAME, description="scaling: the swept parameter on the x axis")
+    ] = "width",
     y: Annotated[
-        list[str] | None,
-        Query(description="scaling: the fitted quantities to draw (repeatable; default: six)"),
+        list[Annotated[str, Query(pattern=NAME)]] | None,
+        Query(
+            max_length=64,
+            description="scaling: the fitted quantities to draw (repeatable; default: six)",
+        ),
     ] = None,
     loss_threshold: Threshold = None,
 ) -> Response:
@@ -89,7 +100,7 @@ def sweep_plot(
 
 
 @router.get("/runs/{run_id}/plots/{kind}", response_class=Response, responses=PNG)
-def run_plot(run_id: int, kind: RunPlotKind, db: SessionDep) -> Response:
+def run_plot(run_id: RunId, kind: RunPlotKind, db: SessionDep) -> Response:
     """A PNG of one run: its loss curve with the theory's, λ_min(H(k)), λ_min(G⁽ᴴ⁾(k))/λ₀, or
     per-layer movement."""
     png = plots.run_plot(db_session=db, run_id=run_id, kind=kind)

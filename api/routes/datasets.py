@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import CurrentUser, limited
-from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, once
-from api.problems import problem
+from api.deps import DatasetId, IdempotencyKeyHeader, Offset, SessionDep, SettingsDep, once
+from api.problems import problem, problem_responses
 from services import datasets as dataset_service
 from services.errors import FieldError, SpecError
 from services.settings import Settings
+from services.storable import StoredText
 from services.users import Caller, audit, check_owner
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
@@ -62,10 +63,11 @@ def _create(
     else:
         try:
             spec = dataset_service.DatasetCreate.model_validate(json.loads(body))
-        except json.JSONDecodeError as exc:
-            raise SpecError([FieldError("body", None, f"not JSON: {exc}")]) from exc
         except ValidationError as exc:
             raise RequestValidationError(exc.errors()) from exc
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deep
+            reason = f"not UTF-8 JSON: {exc}" if isinstance(exc, ValueError) else "nested too deep"
+            raise SpecError([FieldError("body", None, reason)]) from exc
         name, arrays = spec.name, dataset_service.arrays_from_json(spec, settings)
     dataset = dataset_service.create_dataset(
         db_session=db, name=name, arrays=arrays, owner_id=user.id
@@ -98,7 +100,9 @@ async def create(
     db: SessionDep,
     settings: SettingsDep,
     user: CurrentUser,
-    name: Annotated[str | None, Query(max_length=200, description="for .npz uploads")] = None,
+    name: Annotated[
+        StoredText | None, Query(min_length=1, max_length=200, description="for .npz uploads")
+    ] = None,
     key: IdempotencyKeyHeader = None,
 ) -> Response:
     """Upload X and y; they are validated, and near-parallel rows are reported."""
@@ -107,7 +111,7 @@ async def create(
     content = f"{media_type}\n{name}\n".encode() + body
     create = partial(_create, db, settings, user, media_type, name, body)
     try:
-        created = await run_in_threadpool(once, db, request, key, content, create)
+        created = await run_in_threadpool(once, db, request, user.id, key, content, create)
     except dataset_service.TooLarge as exc:
         return problem(413, "Request too large", str(exc))
     return Response(created.model_dump_json(), status_code=201, media_type="application/json")
@@ -117,7 +121,7 @@ async def create(
 def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Offset = 0,
 ) -> DatasetsPublic:
     """Datasets in id order (metadata and reports, not the arrays)."""
     rows, count = dataset_service.list_datasets(db_session=db, limit=limit, offset=offset)
@@ -125,14 +129,23 @@ def list_(
 
 
 @router.get("/{dataset_id}", response_model=DatasetPublic)
-def get(dataset_id: int, db: SessionDep) -> DatasetPublic:
+def get(dataset_id: DatasetId, db: SessionDep) -> DatasetPublic:
     """A dataset's shape, checksum and near-parallel report."""
     dataset = dataset_service.get_dataset(db_session=db, dataset_id=dataset_id)
     return DatasetPublic.model_validate(dataset)
 
 
-@router.get("/{dataset_id}/arrays", response_class=Response)
-def arrays(dataset_id: int, db: SessionDep) -> Response:
+@router.get(
+    "/{dataset_id}/arrays",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "X and y as an .npz file",
+            "content": {"application/x-npz": {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
+def arrays(dataset_id: DatasetId, db: SessionDep) -> Response:
     """X and y as an .npz file."""
     X, y = dataset_service.load_arrays(db_session=db, dataset_id=dataset_id)
     buffer = io.BytesIO()
@@ -141,8 +154,10 @@ def arrays(dataset_id: int, db: SessionDep) -> Response:
     return Response(buffer.getvalue(), media_type="application/x-npz", headers=headers)
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete(dataset_id: int, db: SessionDep, user: CurrentUser) -> Response:
+@router.delete(
+    "/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT, responses=problem_responses(409)
+)
+def delete(dataset_id: DatasetId, db: SessionDep, user: CurrentUser) -> Response:
     """Delete a dataset, unless a queued or running run uses it (409)."""
     owner = dataset_service.get_dataset(db_session=db, dataset_id=dataset_id).owner_id
     check_owner(user, owner, f"dataset {dataset_id}")

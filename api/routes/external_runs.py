@@ -10,7 +10,16 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, Request, status
 
 from api.auth import CurrentUser, limited
-from api.deps import IdempotencyKeyHeader, RunId, SessionDep, SettingsDep, once, wake_dispatcher
+from api.deps import (
+    IdempotencyKeyHeader,
+    RunId,
+    SessionDep,
+    SettingsDep,
+    canonical,
+    once,
+    wake_dispatcher,
+)
+from api.problems import problem_responses
 from api.schemas import RunPublic
 from services.external_runs import RunCreate, RunFinish, create_run, finish_run
 from services.runs import get_run
@@ -37,13 +46,13 @@ def create(
         audit(db_session=db, user=user, action="create_run", target=f"run:{run.id}")
         return RunPublic.model_validate(run)
 
-    answer = once(db, request, key, body.model_dump_json().encode(), created)
+    answer = once(db, request, user.id, key, canonical(body), created)
     if not body.external:
         background.add_task(wake_dispatcher, request)
     return answer
 
 
-@router.post("/{run_id}/finish", response_model=RunPublic)
+@router.post("/{run_id}/finish", response_model=RunPublic, responses=problem_responses(409))
 def finish(
     run_id: RunId, body: RunFinish, db: SessionDep, settings: SettingsDep, user: CurrentUser
 ) -> RunPublic:

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from api.problems import problem
+from api.problems import problem, problem_responses
 from services.cluster import READY_TIMEOUT, leader
 
 router = APIRouter(tags=["health"])
@@ -18,7 +18,7 @@ def livez() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=None, responses={503: {}})
+@router.get("/readyz", response_model=None, responses=problem_responses(503))
 def readyz(request: Request) -> dict[str, str] | JSONResponse:
     """Ready: the database answers, a dispatcher leads (its heartbeat is recent; in a split
     deployment the API reads the dispatcher's heartbeat row), and Ray is connected when this

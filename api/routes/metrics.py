@@ -11,18 +11,18 @@ import base64
 import binascii
 import json
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, WithJsonSchema
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.auth import CurrentUser, limited
 from api.deps import RunId, SessionDep, SettingsDep, SweepId
-from api.problems import problem
+from api.problems import problem, problem_responses
 from api.schemas import MetricNames, MetricsPage
 from services import history
 from services import runs as run_service
@@ -39,6 +39,14 @@ router = APIRouter(tags=["metrics"])
 Names = Annotated[
     list[str] | None,
     Query(max_length=1000, description="metric names (repeatable); default: every metric"),
+    # As sent: absent or repeated names (check_query refuses one off the pattern, naming it).
+    WithJsonSchema(
+        {
+            "type": "array",
+            "items": {"type": "string", "pattern": NAME_PATTERN.pattern},
+            "maxItems": 1000,
+        }
+    ),
 ]
 Start = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="first step, inclusive")]
 End = Annotated[int | None, Query(ge=0, le=MAX_STEP, description="last step, inclusive")]
@@ -82,7 +90,13 @@ def encode_cursor(cursor: history.Cursor | None) -> str | None:
     )
 
 
-def decode_cursor(cursor: str | None) -> history.Cursor | None:
+def _bad_cursor(cursor: str) -> SpecError:
+    return SpecError([FieldError("cursor", cursor, "not a cursor this API returned")])
+
+
+def decode_cursor(cursor: str | None, run_ids: Sequence[int]) -> history.Cursor | None:
+    """The position a ``next_cursor`` of a read of ``run_ids`` encodes; SpecError for any
+    other string (a cursor of another run's read included)."""
     if cursor is None:
         return None
     try:
@@ -91,8 +105,10 @@ def decode_cursor(cursor: str | None) -> history.Cursor | None:
             raise ValueError
         if not (0 < run_id < 2**31 and 0 < metric_id < 2**31 and 0 <= step <= MAX_STEP):
             raise ValueError
-    except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-        raise SpecError([FieldError("cursor", cursor, "not a cursor this API returned")]) from exc
+    except (ValueError, TypeError, RecursionError, binascii.Error) as exc:
+        raise _bad_cursor(cursor) from exc
+    if run_id not in run_ids:
+        raise _bad_cursor(cursor)
     return run_id, metric_id, step
 
 
@@ -164,7 +180,7 @@ def _page(
     check_query(name, start, end)
     metric_ids = history.resolve(db_session=db, run_ids=run_ids, names=name, what=what)
     selection = history.Selection(run_ids, metric_ids, start, end)
-    after = decode_cursor(cursor)
+    after = decode_cursor(cursor, run_ids)
     if max_points is None:
         page = history.read_page(db_session=db, selection=selection, after=after, limit=limit)
     elif max_points > limit:
@@ -214,7 +230,7 @@ BATCH_BODY = {
 @router.post(
     "/runs/{run_id}/metrics",
     response_model=BatchStored,
-    responses={404: {}, 409: {}, 413: {}, 422: {}},
+    responses=problem_responses(409),
     openapi_extra=BATCH_BODY,
 )
 async def log(
@@ -245,7 +261,19 @@ def _log(db: Session, settings: Settings, user: Caller, run_id: int, body: bytes
     return BatchStored(received=batch.size(), stored=stored)
 
 
-@router.get("/runs/{run_id}/metrics/export", response_model=None)
+EXPORT_FILE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the points as CSV, or as a Parquet file",
+        "content": {
+            "text/csv": {"schema": {"type": "string"}},
+            "application/vnd.apache.parquet": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+EXPORT = EXPORT_FILE | problem_responses(501)
+
+
+@router.get("/runs/{run_id}/metrics/export", response_class=Response, responses=EXPORT)
 def export_run(
     run_id: RunId,
     request: Request,
@@ -284,7 +312,7 @@ def read_sweep(
     return _page(db, run_ids, what, name, start, end, cursor, limit, max_points, True)
 
 
-@router.get("/sweeps/{sweep_id}/metrics/export", response_model=None)
+@router.get("/sweeps/{sweep_id}/metrics/export", response_class=Response, responses=EXPORT)
 def export_sweep(
     sweep_id: SweepId,
     request: Request,

@@ -8,7 +8,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 
 from api.auth import CurrentUser
-from api.deps import RunId, SessionDep, SweepId
+from api.deps import Offset, RunId, SessionDep, SweepId
+from api.problems import problem_responses
 from api.schemas import RunListed, RunPublic, RunsPublic, RunStatus
 from services import runs as run_service
 from services.users import audit, check_owner
@@ -32,7 +33,7 @@ def list_(
         bool | None, Query(description="only external runs (true) or only the cluster's (false)")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
 ) -> RunsPublic:
     """Runs in id order, optionally of one sweep, in one state, external or not; without their
     config and manifest unless ``fields`` asks for them."""
@@ -58,7 +59,7 @@ def get(run_id: RunId, db: SessionDep) -> RunPublic:
     return RunPublic.model_validate(run_service.get_run(db_session=db, run_id=run_id))
 
 
-@router.post("/{run_id}/cancel", response_model=RunPublic)
+@router.post("/{run_id}/cancel", response_model=RunPublic, responses=problem_responses(409))
 def cancel(run_id: RunId, db: SessionDep, user: CurrentUser) -> RunPublic:
     """Cancel a queued run now, or ask the dispatcher to stop a running one."""
     owner = run_service.get_run(db_session=db, run_id=run_id).owner_id

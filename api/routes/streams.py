@@ -13,7 +13,7 @@ that stops reading is cut off after ``send_timeout`` and may resume.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -28,6 +28,22 @@ from services.metrics import MAX_STEP
 router = APIRouter(tags=["streams"])
 
 SEND_TIMEOUT_S = 30.0
+EVENT = {  # one event of a stream (the ping comments are not events)
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["metrics", "status", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string", "description": "the position to resume from (Last-Event-ID)"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["event", "data"],
+}
+SSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "Server-Sent Events: metrics, status, end (and ping comments)",
+        "content": {"text/event-stream": {"schema": EVENT}},
+    }
+}
 LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=100_000)]
 
 
@@ -48,7 +64,7 @@ def _bad_event_id(value: str) -> SpecError:
     return SpecError([FieldError("Last-Event-ID", value, "not an event id this stream sent")])
 
 
-@router.get("/runs/{run_id}/metrics/stream", response_class=EventSourceResponse)
+@router.get("/runs/{run_id}/metrics/stream", response_class=EventSourceResponse, responses=SSE)
 def run_stream(
     run_id: RunId,
     request: Request,
@@ -73,7 +89,7 @@ def run_stream(
     return _response(request, streams.Source("run", run_id), name, positions)
 
 
-@router.get("/sweeps/{sweep_id}/stream", response_class=EventSourceResponse)
+@router.get("/sweeps/{sweep_id}/stream", response_class=EventSourceResponse, responses=SSE)
 def sweep_stream(
     sweep_id: SweepId,
     request: Request,

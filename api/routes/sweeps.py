@@ -7,7 +7,16 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Query, Request, Response, status
 
 from api.auth import CurrentUser, limited
-from api.deps import IdempotencyKeyHeader, SessionDep, SettingsDep, SweepId, once, wake_dispatcher
+from api.deps import (
+    IdempotencyKeyHeader,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    SweepId,
+    canonical,
+    once,
+    wake_dispatcher,
+)
 from api.schemas import PlannedRunPublic, SweepCreated, SweepPlan, SweepPublic, SweepsPublic
 from services import runs as run_service
 from services.sweeps import SweepSpec, create_sweep, plan_sweep
@@ -16,7 +25,15 @@ from services.users import audit
 router = APIRouter(prefix="/sweeps", tags=["sweeps"])
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=SweepCreated | SweepPlan)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=None,
+    responses={
+        201: {"model": SweepCreated, "description": "the sweep and its runs, queued"},
+        200: {"model": SweepPlan, "description": "dry_run: the runs it expands to, not stored"},
+    },
+)
 def create(
     spec: SweepSpec,
     db: SessionDep,
@@ -55,7 +72,7 @@ def create(
             id=sweep.id, name=sweep.name, run_count=sweep.run_count, run_ids=run_ids
         )
 
-    answer = once(db, request, key, spec.model_dump_json().encode(), created)
+    answer = once(db, request, user.id, key, canonical(spec), created)
     background.add_task(wake_dispatcher, request)  # runs after the answer, so after the commit
     return answer
 
@@ -64,7 +81,7 @@ def create(
 def list_(
     db: SessionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
+    offset: Offset = 0,
     owner: Annotated[str | None, Query(max_length=64, description="a user's name")] = None,
 ) -> SweepsPublic:
     """Sweeps, newest first, with the number of their runs in each state."""

@@ -312,3 +312,15 @@ def test_runs_are_owned_and_filtered_by_owner(lab: Lab) -> None:
         assert mine["count"] >= 1 and {r["owner"] for r in mine["data"]} == {"bob"}, path
         nobody = lab.client.get(f"{V1}{path}?owner=carol", headers=lab.as_("alice")).json()
         assert nobody == {"data": [], "count": 0}, path
+
+
+def test_an_idempotency_key_is_each_users_own(lab: Lab) -> None:
+    """The same key from two users is two requests: neither gets the other's answer."""
+    key = {"idempotency-key": "nightly-1"}
+    alice = lab.client.post(f"{V1}/sweeps", json=SPEC, headers=lab.as_("alice") | key)
+    again = lab.client.post(f"{V1}/sweeps", json=SPEC, headers=lab.as_("alice") | key)
+    bob = lab.client.post(f"{V1}/sweeps", json=SPEC, headers=lab.as_("bob") | key)
+    assert alice.status_code == bob.status_code == 201, (alice.text, bob.text)
+    assert again.headers.get("idempotent-replayed") == "true" and again.json() == alice.json()
+    assert bob.json()["id"] != alice.json()["id"] and "idempotent-replayed" not in bob.headers
+    assert lab.count(Sweep) == 2
