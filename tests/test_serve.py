@@ -26,23 +26,28 @@ OVERPARAM = [sys.executable, "-m", "client.cli"]
 LONG = {"base": {"data": {"n": 8, "d": 4}, "width": 16, "steps": 1_000_000}}
 
 
-def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+def start(
+    data_dir: Path, port: int, cpus: int = 1, log: Path | None = None
+) -> subprocess.Popen[bytes]:
+    """``overparam serve`` on ``data_dir``; its output is piped (for short checks) or appended
+    to ``log`` (a long-lived service: nobody reads the pipe, and a full pipe blocks it)."""
     env = os.environ | {
         "OVERPARAM_DATA_DIR": str(data_dir),
         "OVERPARAM_CHECKPOINT_DIR": str(data_dir / "checkpoints"),
-        "OVERPARAM_RAY_NUM_CPUS": "1",
+        "OVERPARAM_RAY_NUM_CPUS": str(cpus),
         "OVERPARAM_DATABASE_URL": f"sqlite:///{data_dir}/overparam.db",
     }
     command = [*OVERPARAM, "serve", "--port", str(port)]
+    out = subprocess.PIPE if log is None else log.open("ab")
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
     )
 
 
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+        assert process.poll() is None, process.stdout.read().decode() if process.stdout else "gone"
         try:
             if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                 return
