@@ -36,6 +36,10 @@ class BadHost(Exception):
     """A Host header this service does not answer to."""
 
 
+class CrossSite(Exception):
+    """A change asked by a web page of another site (403)."""
+
+
 class Limiter:
     """Requests per token, in this process (several API workers: each counts its own)."""
 
@@ -64,9 +68,24 @@ def check_host(request: Request) -> None:
         raise BadHost(f"this service does not answer to Host {host!r} (OVERPARAM_ALLOWED_HOSTS)")
 
 
+def check_origin(request: Request) -> None:
+    """403 for a change asked by a page of another site. Browsers send ``Origin`` with every
+    POST, PATCH and DELETE; a cross-site POST without a body (``fetch(url, {method: "POST",
+    mode: "no-cors"})``: a cancel) needs no pre-flight and would otherwise reach a service
+    without tokens. Clients that are not browsers send no ``Origin``."""
+    origin = request.headers.get("origin")
+    if request.method in ("GET", "HEAD", "OPTIONS") or origin is None:
+        return
+    same_site = origin.split("://", 1)[-1] == request.headers.get("host", "")
+    if not same_site and origin not in request.app.state.settings.cors_origins:
+        raise CrossSite(f"a change asked by a page of {origin!r} (not this site's, nor in "
+                        "OVERPARAM_CORS_ORIGINS)")  # fmt: skip
+
+
 def current_user(request: Request, db: SessionDep) -> Caller:
     """The caller: the local user (authentication off), or the owner of the request's token."""
     check_host(request)
+    check_origin(request)
     check_media_type(request)
     state = request.app.state
     if state.auth == "off":

@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.auth import BadHost, RateLimited, WrongMediaType
+from api.auth import BadHost, CrossSite, RateLimited, WrongMediaType
 from services.errors import Conflict, FieldError, NotFound, SpecError
 from services.idempotency import Replay
 from services.numbers import json_number
@@ -183,6 +183,8 @@ def known_problem(exc: Exception) -> JSONResponse | None:
         response = problem(429, "Too many requests", str(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
+    if isinstance(exc, CrossSite):
+        return problem(403, "Cross-site request", str(exc))
     if isinstance(exc, BadHost):
         return problem(400, "Bad host", str(exc))
     if isinstance(exc, WrongMediaType):
@@ -211,6 +213,7 @@ def install(app: FastAPI) -> None:
         QuotaExceeded,
         RateLimited,
         BadHost,
+        CrossSite,
         WrongMediaType,
     ):
         app.add_exception_handler(kind, _known)

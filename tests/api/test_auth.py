@@ -243,6 +243,25 @@ def test_cross_site_bodies_and_foreign_hosts_are_refused(lab: Lab) -> None:
     assert "evil.example" in problem(rebinding, 400)["detail"]
 
 
+@pytest.mark.parametrize("auth", ["off", "required"])
+def test_a_page_of_another_site_cannot_cancel_a_run(db_url: str, auth: str) -> None:
+    """A bodiless cross-site POST needs no pre-flight: the Origin check refuses it, also on a
+    laptop's service without tokens; the dashboard's own (same-site) POST is answered."""
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        token = create_user(db_session=db, name="admin", role="admin")[1]
+    engine.dispose()
+    app = lab_app(db_url) if auth == "required" else create_app(make_settings(db_url))
+    with TestClient(app, base_url="http://localhost") as client:
+        client.headers["authorization"] = f"Bearer {token}"
+        run = client.post(f"{V1}/runs", json={"config": SPEC["base"]}).json()["id"]
+        evil = client.post(f"{V1}/runs/{run}/cancel", headers={"origin": "https://evil.example"})
+        assert "evil.example" in problem(evil, 403)["detail"]
+        assert client.get(f"{V1}/runs/{run}").json()["status"] == "queued"
+        own = client.post(f"{V1}/runs/{run}/cancel", headers={"origin": "http://localhost"})
+        assert own.status_code == 200 and own.json()["status"] == "cancelled", own.text
+
+
 def test_quotas_refuse_with_their_name_limit_and_use_and_store_nothing(lab: Lab) -> None:
     quotas = {"max_active_runs": 1, "max_metric_points": 4, "max_dataset_bytes": 16}
     patched = lab.client.patch(
