@@ -272,12 +272,13 @@ def submit(
 @app.command()
 def sweeps(
     limit: Annotated[int, typer.Option(help="how many, newest first")] = 100,
+    owner: Annotated[str | None, typer.Option(help="only this user's sweeps")] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """List sweeps, newest first, with their runs per state."""
+    """List sweeps, newest first, with their runs per state and owner."""
     try:
         with _client(url) as client:
-            rows = client.sweeps(limit=limit)
+            rows = client.sweeps(limit=limit, owner=owner)
     except OverparamError as exc:
         _fail(exc)
     reports.print_sweeps(console, rows)
@@ -287,12 +288,13 @@ def sweeps(
 def runs(
     sweep: Annotated[int | None, typer.Option(help="only this sweep's runs")] = None,
     status: Annotated[str | None, typer.Option(help="only runs in this state")] = None,
+    owner: Annotated[str | None, typer.Option(help="only this user's runs")] = None,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
-    """List runs with their state and summary."""
+    """List runs with their state, summary and owner."""
     try:
         with _client(url) as client:
-            rows = client.runs(sweep_id=sweep, status=status)
+            rows = client.runs(sweep_id=sweep, status=status, owner=owner)
     except OverparamError as exc:
         _fail(exc)
     reports.print_runs(console, rows)

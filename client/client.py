@@ -230,8 +230,9 @@ class OverparamClient:
     def sweep(self, sweep_id: int) -> dict[str, Any]:
         return self._call("GET", f"/sweeps/{sweep_id}")
 
-    def sweeps(self, limit: int = 100) -> list[dict[str, Any]]:
-        return self._call("GET", "/sweeps", params={"limit": limit})["data"]
+    def sweeps(self, limit: int = 100, owner: str | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit} | ({"owner": owner} if owner else {})
+        return self._call("GET", "/sweeps", params=params)["data"]
 
     def run(self, run_id: int) -> dict[str, Any]:
         return self._call("GET", f"/runs/{run_id}")
@@ -242,9 +243,12 @@ class OverparamClient:
         status: str | None = None,
         limit: int = 1000,
         fields: Sequence[str] = (),
+        owner: str | None = None,
     ) -> list[dict[str, Any]]:
         """Runs in id order; ``fields`` ("config", "manifest") adds what lists leave out."""
         params: dict[str, Any] = {"limit": limit, "fields": list(fields)}
+        if owner is not None:
+            params["owner"] = owner
         if sweep_id is not None:
             params["sweep_id"] = sweep_id
         if status is not None:

@@ -58,13 +58,14 @@ def print_runs(console: Console, runs: Sequence[Mapping[str, Any]]) -> None:
     """Runs with their state and summary."""
     columns = [
         Column("id", numeric=True),
-        Column("sweep", numeric=True, priority=1),
+        Column("sweep", numeric=True, priority=2),
         Column("status"),
         Column("overrides"),
-        Column("steps", numeric=True, priority=4),
+        Column("steps", numeric=True, priority=5),
         Column(LABELS["final_loss"], numeric=True),
-        Column(LABELS["lambda_min_initial"], numeric=True, priority=2),
-        Column(LABELS["lambda_min_min"], numeric=True, priority=3),
+        Column(LABELS["lambda_min_initial"], numeric=True, priority=3),
+        Column(LABELS["lambda_min_min"], numeric=True, priority=4),
+        Column("owner", priority=1),  # the first left out: one user's laptop has one owner
     ]
     rows = [
         [
@@ -76,6 +77,7 @@ def print_runs(console: Console, runs: Sequence[Mapping[str, Any]]) -> None:
             number(r["summary"].get("final_loss")),
             number(r["summary"].get("lambda_min_initial")),
             number(r["summary"].get("lambda_min_min")),
+            r.get("owner") or "",
         ]
         for r in runs
     ]
@@ -89,7 +91,8 @@ def print_sweeps(console: Console, sweeps: Sequence[Mapping[str, Any]]) -> None:
         Column("name"),
         Column("runs", numeric=True),
         Column("runs per state"),
-        Column("created", priority=1),
+        Column("created", priority=2),
+        Column("owner", priority=1),
     ]
     rows = [
         [
@@ -98,6 +101,7 @@ def print_sweeps(console: Console, sweeps: Sequence[Mapping[str, Any]]) -> None:
             str(s["run_count"]),
             ", ".join(f"{n} {state}" for state, n in sorted(s["status_counts"].items())),
             s["created_at"][:19].replace("T", " "),
+            s.get("owner") or "",
         ]
         for s in sweeps
     ]

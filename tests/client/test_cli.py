@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import socket
@@ -9,6 +10,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -23,20 +25,29 @@ from tests.conftest import make_settings
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 
 
-@pytest.fixture
-def server(db_url: str) -> Iterator[str]:
+@contextlib.contextmanager
+def serving(application: Any) -> Iterator[str]:
+    """``application`` under uvicorn in a thread on a free port; yields its URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(make_settings(db_url)), port=port, log_level="warning")
+    config = uvicorn.Config(application, port=port, log_level="warning")
     srv = uvicorn.Server(config)
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     while not srv.started:
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def server(db_url: str) -> Iterator[str]:
+    with serving(create_app(make_settings(db_url))) as url:
+        yield url
 
 
 WIDE = {"COLUMNS": "200"}
@@ -204,3 +215,33 @@ def test_client_logs_an_external_run_like_a_training_script(server: str) -> None
         with pytest.raises(OverparamError) as refused:
             client.log_metrics(run["id"], {"loss": 0.0}, step=101)
         assert refused.value.status == 409
+
+
+def test_a_lab_user_is_made_signs_in_once_and_the_cli_uses_the_token(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``admin create-user`` prints a token once; without it the CLI is refused and says why;
+    ``login`` checks it, keeps it readable by the user only, and later commands send it."""
+    from services.settings import get_settings
+
+    monkeypatch.setenv("OVERPARAM_DATABASE_URL", db_url)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    monkeypatch.delenv("OVERPARAM_TOKEN", raising=False)
+    get_settings.cache_clear()
+    made = invoke("admin", "create-user", "ada", "--admin")
+    token = next(w for w in made.split() if w.startswith("ovp_"))
+    settings = make_settings(db_url, auth="required", allowed_hosts=["127.0.0.1"])
+    with serving(create_app(settings)) as url:
+        refused = CliRunner().invoke(app, ["sweeps", "--url", url], env=WIDE)
+        assert refused.exit_code != 0 and "token" in refused.output, refused.output
+        wrong = CliRunner().invoke(app, ["login", "--url", url, "--token", "ovp_wrong"], env=WIDE)
+        assert wrong.exit_code != 0 and not (tmp_path / "overparam").exists(), wrong.output
+        assert "as ada (admin)" in invoke("login", "--url", url, "--token", token)
+        saved = tmp_path / "overparam" / "credentials.json"
+        assert saved.stat().st_mode & 0o077 == 0, oct(saved.stat().st_mode)
+        assert token in saved.read_text()
+        assert "9 runs queued" in invoke("submit", str(EXAMPLE), "--url", url)
+        assert "ada" in invoke("runs", "--sweep", "1", "--url", url)
+        assert "ada" in invoke("sweeps", "--owner", "ada", "--url", url)
+        assert "ada" not in invoke("runs", "--owner", "nobody", "--url", url)
+    get_settings.cache_clear()
