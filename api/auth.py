@@ -95,6 +95,11 @@ def current_user(request: Request, db: SessionDep) -> Caller:
     if not token:
         raise Unauthenticated("this service requires an API token: Authorization: Bearer <token>")
     user = Caller.of(authenticate(db_session=db, token=token))
+    # The sign-in's transaction ends here, before the route's thread: a request waiting for a
+    # thread must hold neither a pooled connection nor the token row (its last use), or requests
+    # holding every thread could wait on it, and it on them (seen as a 500 after the pool's 30 s
+    # timeout with 50 clients retrying at once). The route's statements begin a new one.
+    db.commit()
     state.limiter.hit(digest(token))
     return user
 

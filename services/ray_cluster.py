@@ -16,6 +16,9 @@ from services.settings import Settings
 log = logging.getLogger(__name__)
 
 
+LOCAL_GCS_TIMEOUT_S = 5
+
+
 def connect(settings: Settings) -> bool:
     """``ray.init`` for ``settings``; True if this call started the connection (and owns it).
 
@@ -44,6 +47,10 @@ def connect(settings: Settings) -> bool:
                 include_dashboard=False,
                 log_to_driver=False,
                 _node_ip_address="127.0.0.1",
+                # Its GCS is this process's child: gone (a SIGTERM to the whole process group,
+                # as systemd sends) it never comes back, and Ray's default 60 s of reconnecting
+                # held the service's shutdown that long.
+                _system_config={"gcs_rpc_server_reconnect_timeout_s": LOCAL_GCS_TIMEOUT_S},
             )
         remember_processes(record)
         private_token_file()

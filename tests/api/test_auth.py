@@ -12,6 +12,7 @@ service that requires tokens refuses to start without an admin.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,7 @@ from api.main import create_app
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.models import ApiToken, MetricChunk, Run, Sweep
 from services.users import create_user
+from tests.analysis.synthetic import live_server
 from tests.conftest import make_settings
 
 V1 = "/api/v1"
@@ -55,7 +57,7 @@ class Lab:
 
 
 def lab_app(db_url: str, **settings: Any) -> Any:
-    lab = make_settings(db_url, auth="required", allowed_hosts=["localhost"], **settings)
+    lab = make_settings(db_url, **({"auth": "required", "allowed_hosts": ["localhost"]} | settings))
     return create_app(lab)
 
 
@@ -343,3 +345,39 @@ def test_an_idempotency_key_is_each_users_own(lab: Lab) -> None:
     assert again.headers.get("idempotent-replayed") == "true" and again.json() == alice.json()
     assert bob.json()["id"] != alice.json()["id"] and "idempotent-replayed" not in bob.headers
     assert lab.count(Sweep) == 2
+
+
+def test_signed_in_requests_never_wait_on_each_other_for_threads_and_connections(
+    db_url: str,
+) -> None:
+    """More signed-in requests at once than threads and pooled connections (2 of each): a
+    request waiting for a thread for its route holds no connection and no lock of its sign-in,
+    so none waits on another that waits on it (a 500 after the pool's 30 s timeout, or a hang on
+    the token row, if it did)."""
+    engine = make_engine(db_url)
+    with session_scope(make_sessionmaker(engine)) as db:
+        create_user(db_session=db, name="admin", role="admin")
+        token = create_user(db_session=db, name="alice", role="member")[1]
+    engine.dispose()
+    app = lab_app(
+        db_url, allowed_hosts=["127.0.0.1"], api_threads=2, db_pool_size=2, db_max_overflow=0
+    )
+    answers: list[int] = []
+
+    def submit(index: int) -> None:
+        spec = SPEC | {"name": f"s{index}"}
+        with httpx.Client(base_url=url + V1, timeout=60) as http:
+            response = http.post("/sweeps", json=spec, headers={"Authorization": f"Bearer {token}"})
+            answers.append(response.status_code)
+
+    with live_server(app) as url:
+        threads = [threading.Thread(target=submit, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(90)
+        listed = httpx.get(
+            f"{url}{V1}/sweeps", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        )
+    assert sorted(answers) == [201] * 16
+    assert sorted(s["name"] for s in listed.json()["data"]) == sorted(f"s{i}" for i in range(16))

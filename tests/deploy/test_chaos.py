@@ -284,7 +284,9 @@ def test_a_postgres_restart(stack) -> None:  # type: ignore[no-untyped-def]
         compare("postgres", api, finished(api, sweep), tried=1)
 
 
-def fifty_submitters(fault: str, base_url: str, headers: dict[str, str]) -> None:
+def fifty_submitters(
+    fault: str, base_url: str, headers: dict[str, str], log: Callable[[], str]
+) -> None:
     """50 clients submit a sweep each at once with an Idempotency-Key, retrying after a
     timeout (the first tries give up after 50 ms, so their requests may still be served) until
     they have an answer: every client gets its sweep exactly once, no 5xx, and every run's
@@ -320,7 +322,8 @@ def fifty_submitters(fault: str, base_url: str, headers: dict[str, str]) -> None
         thread.start()
     for thread in threads:
         thread.join(180)
-    assert not errors and len(answers) == 50 and all(len(ids) == 1 for ids in answers.values())
+    assert not errors, f"{errors}\n{log()}"
+    assert len(answers) == 50 and all(len(ids) == 1 for ids in answers.values()), answers
     with httpx.Client(base_url=base_url, headers=headers, timeout=30) as api:
         sweeps = api.get("/api/v1/sweeps", params={"limit": 1000}).json()["data"]
         names = sorted(s["name"] for s in sweeps if s["name"].startswith(f"{fault}-"))
@@ -332,7 +335,7 @@ def fifty_submitters(fault: str, base_url: str, headers: dict[str, str]) -> None
 
 def test_fifty_submitters_with_retries_each_get_their_sweep_once(stack) -> None:  # type: ignore[no-untyped-def]
     topo, _ = stack
-    fifty_submitters("submitters", topo.base_url, topo.headers)
+    fifty_submitters("submitters", topo.base_url, topo.headers, lambda: topo.tail("api", 200))
 
 
 # -- the embedded service on SQLite (``overparam serve``) -----------------------------------------
@@ -384,6 +387,7 @@ def test_fifty_submitters_on_sqlite(embedded: tuple[Path, int]) -> None:
     data_dir, port = embedded
     process = serve(data_dir, port)
     try:
-        fifty_submitters("submitters-sqlite", f"http://127.0.0.1:{port}", {})
+        log = lambda: (data_dir / "serve.log").read_text()[-20000:]  # noqa: E731
+        fifty_submitters("submitters-sqlite", f"http://127.0.0.1:{port}", {}, log)
     finally:
         stop(process, data_dir)
