@@ -265,6 +265,41 @@ class OverparamClient:
         body = {"config": config, "external": external, "name": name}
         return self._call("POST", "/runs", json=body)
 
+    def start_run(
+        self,
+        name: str = "run",
+        params: Mapping[str, Any] | None = None,
+        tags: Mapping[str, str] | None = None,
+        experiment: str | None = None,
+        source: bool | Mapping[str, Any] = True,
+    ) -> ExternalRun:
+        """An external run this script logs to (MLflow's ``start_run``): ``params`` its
+        hyper-parameters (stored as the run's config), ``tags`` short strings, ``experiment``
+        the named group it joins (created on first use). ``source``: the calling script's path,
+        git commit and python/torch versions (:func:`script_source`), stored in the run's
+        manifest under ``client``; False sends none. As a context manager the handle finishes
+        the run: succeeded, or failed with the exception that left the block."""
+        body: dict[str, Any] = {"config": dict(params or {}), "external": True, "name": name}
+        if tags:
+            body["tags"] = dict(tags)
+        if experiment is not None:
+            body["experiment"] = experiment
+        if source:
+            body["source"] = dict(source) if isinstance(source, Mapping) else script_source()
+        return ExternalRun(self, self._call("POST", "/runs", json=body))
+
+    def log_ntk(
+        self, run_id: int, model: Any, X: Any, step: int, method: str = "auto"
+    ) -> tuple[float, float]:
+        """Log λ_min and λ_max of ``model``'s empirical NTK Gram at the samples ``X`` (torch
+        tensors; see :mod:`overparam.ntk`) as ``ntk_lambda_min`` / ``ntk_lambda_max`` at
+        ``step``; answers (λ_min, λ_max). Imports torch on first use only."""
+        from .ntk import LAMBDA_MAX, LAMBDA_MIN, extremes
+
+        low, high = extremes(model, X, method=method)  # type: ignore[arg-type]
+        self.log_metrics(run_id, {LAMBDA_MIN: low, LAMBDA_MAX: high}, step)
+        return low, high
+
     def log_metrics(self, run_id: int, metrics: dict[str, float], step: int) -> dict[str, Any]:
         """One step of several metrics (MLflow's ``log_metrics``); batch with :meth:`log_series`."""
         series = {name: ([step], [value]) for name, value in metrics.items()}
@@ -447,6 +482,79 @@ class OverparamClient:
         except ValueError:
             problem = {"title": response.reason_phrase, "detail": response.text[:500]}
         raise OverparamError(response.status_code, problem)
+
+
+class ExternalRun:
+    """A handle on an external run (from :meth:`OverparamClient.start_run`): ``id``, ``info``
+    (the run as created), ``log``, ``log_ntk`` and ``finish``."""
+
+    def __init__(self, client: OverparamClient, info: dict[str, Any]) -> None:
+        self.client = client
+        self.info = info
+        self.id: int = info["id"]
+
+    def __enter__(self) -> ExternalRun:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
+        if self.info.get("status") != "running":
+            return
+        if exc is None:
+            self.finish()
+        else:
+            self.finish("failed", error=f"{kind.__name__ if kind else 'error'}: {exc}")
+
+    def log(self, metrics: dict[str, float], step: int) -> dict[str, Any]:
+        """One step of several metrics."""
+        return self.client.log_metrics(self.id, metrics, step)
+
+    def log_ntk(self, model: Any, X: Any, step: int, method: str = "auto") -> tuple[float, float]:
+        """λ_min and λ_max of ``model``'s NTK Gram at ``X``, logged at ``step``."""
+        return self.client.log_ntk(self.id, model, X, step, method=method)
+
+    def finish(
+        self,
+        status: str = "succeeded",
+        summary: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> dict[str, Any]:
+        """End the run (once)."""
+        self.info = self.client.finish(self.id, status, summary=summary, error=error)
+        return self.info
+
+
+def script_source(script: str | None = None) -> dict[str, Any]:
+    """What ran: the script's path (default ``sys.argv[0]``), the git commit of the repository
+    it lies in (``git rev-parse HEAD`` there; left out outside a repository), whether that
+    checkout had uncommitted changes, and the python and torch versions (torch only if the
+    script imported it)."""
+    import platform
+    import subprocess
+    import sys
+
+    path = Path(script if script is not None else (sys.argv[0] or ".")).resolve()
+    source: dict[str, Any] = {"script": str(path), "python": platform.python_version()}
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        source["torch"] = str(getattr(torch, "__version__", "unknown"))
+    where = path.parent if path.is_file() else path
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode == 0 and commit.stdout.strip():
+            source["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(
+                ["git", "status", "--porcelain"],
+                cwd=where,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            source["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return source
 
 
 def _json_float(value: float) -> float | str:
