@@ -19,6 +19,7 @@ class SweepPublic(Public):
     owner: str | None = None
     priority: int = 0
     name: str
+    kind: Literal["grid", "experiment"] = "grid"  # an experiment: a group of external runs
     spec: dict[str, Any]
     run_count: int
     created_at: datetime
@@ -57,8 +58,10 @@ class RunListed(Public):
 
     id: int
     owner: str | None = None
-    sweep_id: int | None
+    sweep_id: int | None  # an external run's: its experiment's
     external: bool
+    name: str | None = None
+    tags: dict[str, str] = {}
     index: int
     status: RunStatus
     attempt: int

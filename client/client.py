@@ -289,14 +289,20 @@ class OverparamClient:
         return ExternalRun(self, self._call("POST", "/runs", json=body))
 
     def log_ntk(
-        self, run_id: int, model: Any, X: Any, step: int, method: str = "auto"
+        self,
+        run_id: int,
+        model: Any,
+        X: Any,
+        step: int,
+        method: str = "auto",
+        outputs: str = "mean",
     ) -> tuple[float, float]:
-        """Log λ_min and λ_max of ``model``'s empirical NTK Gram at the samples ``X`` (torch
-        tensors; see :mod:`overparam.ntk`) as ``ntk_lambda_min`` / ``ntk_lambda_max`` at
-        ``step``; answers (λ_min, λ_max). Imports torch on first use only."""
+        """Log λ_min and λ_max of ``model``'s empirical NTK Gram at the samples ``X`` (a torch
+        module and tensor; see :mod:`overparam.ntk`) as ``ntk_lambda_min`` / ``ntk_lambda_max``
+        at ``step``; answers (λ_min, λ_max). Imports torch on first use only."""
         from .ntk import LAMBDA_MAX, LAMBDA_MIN, extremes
 
-        low, high = extremes(model, X, method=method)  # type: ignore[arg-type]
+        low, high = extremes(model, X, method=method, outputs=outputs)  # type: ignore[arg-type]
         self.log_metrics(run_id, {LAMBDA_MIN: low, LAMBDA_MAX: high}, step)
         return low, high
 
@@ -508,9 +514,11 @@ class ExternalRun:
         """One step of several metrics."""
         return self.client.log_metrics(self.id, metrics, step)
 
-    def log_ntk(self, model: Any, X: Any, step: int, method: str = "auto") -> tuple[float, float]:
+    def log_ntk(
+        self, model: Any, X: Any, step: int, method: str = "auto", outputs: str = "mean"
+    ) -> tuple[float, float]:
         """λ_min and λ_max of ``model``'s NTK Gram at ``X``, logged at ``step``."""
-        return self.client.log_ntk(self.id, model, X, step, method=method)
+        return self.client.log_ntk(self.id, model, X, step, method=method, outputs=outputs)
 
     def finish(
         self,

@@ -1,13 +1,14 @@
 """The empirical NTK Gram of any ``nn.Module`` and its extreme eigenvalues (``overparam.ntk``).
 
-For a model f with trainable parameters θ (those with ``requires_grad``) and inputs x_1…x_n,
+For a model f with trainable parameters θ (those with ``requires_grad``; freeze a layer to leave
+it out) and inputs x_1…x_n, per output c
 
-    Θ_ij = Σ_c ⟨∂f_c(x_i)/∂θ, ∂f_c(x_j)/∂θ⟩        (Jacot et al. 2018; Du et al. ICML 2019)
+    Θ⁽ᶜ⁾_ij = ⟨∂f_c(x_i)/∂θ, ∂f_c(x_j)/∂θ⟩        (Jacot et al. 2018; Du et al. ICML 2019)
 
-an n×n float64 matrix. With several outputs c the Gram is **summed** over them (the trace of the
-nC×nC NTK over its C diagonal blocks, not their mean as the service's worker reports for
-cross-entropy runs); for one output it is the NTK itself. λ_min(Θ) is the quantity the
-over-parameterization theory tracks (``ntk_lambda_min``: it stays ≥ λ₀/2 in the lazy regime).
+and the Gram is their mean (1/C) Σ_c Θ⁽ᶜ⁾ (``outputs="mean"``, the default: the trace average
+of the nC×nC NTK, as the service's runs define ``ntk_lambda_min``, docs/metrics.md) or their
+sum Σ_c Θ⁽ᶜ⁾ (``outputs="sum"``); for one output both are the NTK itself. An n×n float64
+matrix; λ_min of it is what the theory tracks (it stays ≥ λ₀/2 in the lazy regime).
 
 Two ways to compute it, the same matrix:
 
@@ -23,50 +24,66 @@ Both run in float64 with TF32 off (a float32 model's parameters are upcast, the 
 untouched), so λ_min of an ill-conditioned Gram survives. Samples must not interact: no batch
 norm in training mode; dropout should be off (``model.eval()``).
 
-This module imports torch; nothing else in the client does (``import overparam`` stays light).
+torch is imported when a function here is called, never by importing this module: the client
+and the CLI stay light, and need torch only for this.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import nn
-from torch.func import functional_call, jacrev, vmap
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["eigenvalues", "extremes", "gram", "is_layerwise", "lambda_min", "spectrum"]
 
 LAMBDA_MIN = "ntk_lambda_min"  # the service's metric names (worker/metric_names.py)
 LAMBDA_MAX = "ntk_lambda_max"
 WORKSPACE_BYTES = 1 << 30  # what the Jacobians of one pair of sample chunks may take
 
 Method = Literal["auto", "layerwise", "jacobian"]
+Outputs = Literal["mean", "sum"]
 
-# parameter-free modules that act on each coordinate alone: the layer-wise path's activations
+# parameter-free modules of torch.nn that act on each coordinate alone: the layer-wise path's
 ELEMENTWISE = (
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.ReLU6,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.Softplus,
-    nn.Softsign,
-    nn.Hardtanh,
-    nn.Hardsigmoid,
-    nn.Hardswish,
-    nn.Tanhshrink,
-    nn.Identity,
+    "ReLU",
+    "LeakyReLU",
+    "ReLU6",
+    "ELU",
+    "SELU",
+    "CELU",
+    "GELU",
+    "SiLU",
+    "Mish",
+    "Tanh",
+    "Sigmoid",
+    "Softplus",
+    "Softsign",
+    "Hardtanh",
+    "Hardsigmoid",
+    "Hardswish",
+    "Tanhshrink",
+    "Identity",
 )
 
 
+def _torch() -> Any:
+    try:
+        import torch
+    except ModuleNotFoundError as exc:  # the light client: torch is the user's own choice
+        raise ModuleNotFoundError(
+            "overparam.ntk needs torch: install the build for your machine "
+            "(e.g. pip install torch)",
+            name="torch",
+        ) from exc
+    return torch
+
+
 @contextmanager
-def _no_tf32() -> Iterator[None]:
+def _no_tf32(torch: Any) -> Iterator[None]:
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -79,12 +96,14 @@ def _no_tf32() -> Iterator[None]:
 def is_layerwise(model: nn.Module, X: torch.Tensor) -> bool:
     """Whether ``model`` fits the layer-wise path: an ``nn.Sequential`` of ``nn.Linear`` and
     parameter-free elementwise activations, applied to an (n, d) batch."""
+    nn = _torch().nn
     if not isinstance(model, nn.Sequential) or X.dim() != 2 or len(model) == 0:
         return False
+    elementwise = tuple(getattr(nn, name) for name in ELEMENTWISE)
     for layer in model:
         if isinstance(layer, nn.Linear):
             continue
-        if not isinstance(layer, ELEMENTWISE) or any(True for _ in layer.parameters()):
+        if not isinstance(layer, elementwise) or any(True for _ in layer.parameters()):
             return False
     return any(isinstance(layer, nn.Linear) for layer in model)
 
@@ -93,85 +112,113 @@ def gram(
     model: nn.Module,
     X: torch.Tensor,
     *,
+    outputs: Outputs = "mean",
     method: Method = "auto",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The (n, n) float64 empirical NTK Gram Θ of ``model`` at the n samples ``X`` (first
-    dimension), summed over the model's outputs, over its parameters with ``requires_grad``.
+    """The (n, n) float64 empirical NTK Gram of ``model`` at the n samples ``X`` (along the
+    first dimension), over its parameters with ``requires_grad``, symmetric, on X's device.
 
-    ``method``: ``"auto"`` takes the layer-wise path where :func:`is_layerwise`, else the
-    ``torch.func`` Jacobian; ``"layerwise"`` refuses (ValueError) a model it does not fit.
-    ``chunk_size``: samples per Jacobian chunk (default: as many as fit WORKSPACE_BYTES).
+    ``outputs``: how C > 1 outputs combine: ``"mean"`` (1/C) Σ_c J_c J_cᵀ, as the service's
+    runs log ``ntk_lambda_min``, or ``"sum"`` Σ_c J_c J_cᵀ (the trace of the nC×nC NTK over
+    outputs); the same for one output. ``method``: ``"auto"`` takes the layer-wise path where
+    :func:`is_layerwise`, else the ``torch.func`` Jacobian; ``"layerwise"`` refuses
+    (ValueError) a model it does not fit. ``chunk_size``: samples per Jacobian chunk (default:
+    as many as fit WORKSPACE_BYTES).
     """
+    torch = _torch()
     if method not in ("auto", "layerwise", "jacobian"):
         raise ValueError(f"method is auto, layerwise or jacobian, not {method!r}")
+    if outputs not in ("mean", "sum"):
+        raise ValueError(f"outputs is mean or sum, not {outputs!r}")
     if X.dim() < 1 or X.shape[0] == 0:
-        raise ValueError("X needs at least one sample along its first dimension")
+        raise ValueError("no inputs: X needs at least one sample along its first dimension")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no parameter that requires a gradient")
     layerwise = is_layerwise(model, X)
     if method == "layerwise" and not layerwise:
         raise ValueError(
             "the layer-wise path needs an nn.Sequential of nn.Linear layers and parameter-free "
             "elementwise activations on an (n, d) input; use method='jacobian'"
         )
-    with _no_tf32():
+    with _no_tf32(torch):
         if method == "layerwise" or (method == "auto" and layerwise):
-            assert isinstance(model, nn.Sequential)
-            return _layerwise_gram(model, X)
-        return _jacobian_gram(model, X, chunk_size)
+            G, count = _layerwise_gram(torch, model, X)
+        else:
+            G, count = _jacobian_gram(torch, model, X, chunk_size)
+    if outputs == "mean":
+        G /= count
+    return (G + G.T) / 2
 
 
-def eigenvalues(model: nn.Module, X: torch.Tensor, *, method: Method = "auto") -> torch.Tensor:
-    """The n eigenvalues of :func:`gram`, ascending, float64 (``eigvalsh`` of the symmetrized
-    Gram)."""
-    G = gram(model, X, method=method)
-    return torch.linalg.eigvalsh((G + G.T) / 2)
+def eigenvalues(
+    model: nn.Module, X: torch.Tensor, *, outputs: Outputs = "mean", method: Method = "auto"
+) -> torch.Tensor:
+    """The n eigenvalues of :func:`gram`, ascending, float64 (``torch.linalg.eigvalsh``)."""
+    return _torch().linalg.eigvalsh(gram(model, X, outputs=outputs, method=method))
 
 
-def extremes(model: nn.Module, X: torch.Tensor, *, method: Method = "auto") -> tuple[float, float]:
+def extremes(
+    model: nn.Module, X: torch.Tensor, *, outputs: Outputs = "mean", method: Method = "auto"
+) -> tuple[float, float]:
     """(λ_min, λ_max) of :func:`gram`: what ``ntk_lambda_min`` / ``ntk_lambda_max`` record."""
-    values = eigenvalues(model, X, method=method)
+    values = eigenvalues(model, X, outputs=outputs, method=method)
     return float(values[0]), float(values[-1])
 
 
-def _layerwise_gram(model: nn.Sequential, X: torch.Tensor) -> torch.Tensor:
-    """Σ_layers (A Aᵀ) ⊙ (Σ_c B_c B_cᵀ), plus Σ_c B_c B_cᵀ for a trained bias."""
-    device = X.device
-    a = X.detach().to(device=device, dtype=torch.float64).requires_grad_(True)
+spectrum = eigenvalues
+
+
+def lambda_min(model: nn.Module, X: torch.Tensor, *, outputs: Outputs = "mean") -> float:
+    """The Gram's smallest eigenvalue (Du et al.'s λ_min(H): > 0 when gradient descent fits
+    the n inputs at a linear rate near initialization)."""
+    return extremes(model, X, outputs=outputs)[0]
+
+
+def _layerwise_gram(torch: Any, model: nn.Module, X: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(Σ_layers (A Aᵀ) ⊙ (Σ_c B_c B_cᵀ) + Σ_c B_c B_cᵀ for a trained bias, C)."""
+    Linear = torch.nn.Linear
+    h = X.detach().to(torch.float64).requires_grad_(True)  # a graph through every layer
     inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
-    linears: list[nn.Linear] = []
-    h = a
-    for layer in model:
-        if isinstance(layer, nn.Linear):
+    signals_at: list[torch.Tensor] = []
+    linears: list[Any] = []
+    for layer in model.children():  # a Sequential's, in order
+        if isinstance(layer, Linear):
             weight = layer.weight.detach().to(torch.float64)
             bias = None if layer.bias is None else layer.bias.detach().to(torch.float64)
             inputs.append(h.detach())
-            h = nn.functional.linear(h, weight, bias)
-            outputs.append(h)
+            h = torch.nn.functional.linear(h, weight, bias)
+            signals_at.append(h)
             linears.append(layer)
         else:
             h = layer(h)
     n = X.shape[0]
     out = h.reshape(n, -1)
-    signal_grams = [torch.zeros(n, n, dtype=torch.float64, device=device) for _ in outputs]
-    for c in range(out.shape[1]):
+    count = out.shape[1]
+    zeros = [torch.zeros(n, n, dtype=torch.float64, device=X.device) for _ in signals_at]
+    signal_grams: list[torch.Tensor] = zeros
+    for c in range(count):  # one backward per output: samples do not interact
         signals = torch.autograd.grad(
-            out[:, c].sum(), outputs, retain_graph=c + 1 < out.shape[1], allow_unused=True
+            out[:, c].sum(), signals_at, retain_graph=c + 1 < count, allow_unused=True
         )
         for k, B in enumerate(signals):
             if B is not None:
                 signal_grams[k] += B @ B.T
-    G = torch.zeros(n, n, dtype=torch.float64, device=device)
+    G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
     for A, BB, layer in zip(inputs, signal_grams, linears, strict=True):
         if layer.weight.requires_grad:
             G += (A @ A.T) * BB
         if layer.bias is not None and layer.bias.requires_grad:
             G += BB
-    return G
+    return G, count
 
 
-def _jacobian_gram(model: nn.Module, X: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
-    """Σ_names Σ_c J_c Jᵀ_c by blocks of per-sample Jacobians (``vmap(jacrev)``)."""
+def _jacobian_gram(
+    torch: Any, model: nn.Module, X: torch.Tensor, chunk_size: int | None
+) -> tuple[torch.Tensor, int]:
+    """(Σ_c J_c J_cᵀ by blocks of per-sample Jacobians (``vmap(jacrev)``), C)."""
+    from torch.func import functional_call, jacrev, vmap
+
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = {name: p.detach().to(torch.float64) for name, p in model.named_parameters()}
     buffers = {
@@ -181,25 +228,23 @@ def _jacobian_gram(model: nn.Module, X: torch.Tensor, chunk_size: int | None) ->
     trained = {name: params[name] for name in names}
     frozen = {name: p for name, p in params.items() if name not in trained} | buffers
     Xd = X.detach().to(torch.float64) if X.is_floating_point() else X.detach()
-    n = X.shape[0]
-    G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
-    if not trained:
-        return G
 
     def f(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(model, theta | frozen, (x.unsqueeze(0),)).reshape(-1)
 
     jacobian: Callable[..., dict[str, torch.Tensor]] = vmap(jacrev(f), in_dims=(None, 0))
 
-    def flat(chunk: torch.Tensor) -> torch.Tensor:  # (c, outputs, P)
+    def flat(chunk: torch.Tensor) -> torch.Tensor:  # (samples, outputs, P)
         parts = jacobian(trained, chunk)
         shape = parts[names[0]].shape[:2]
         return torch.cat([parts[name].reshape(*shape, -1) for name in names], dim=2)
 
+    n = X.shape[0]
+    count = f(trained, Xd[0]).numel()
     if chunk_size is None:
-        outputs = f(trained, Xd[0]).numel()
         size = sum(p.numel() for p in trained.values())
-        chunk_size = max(1, WORKSPACE_BYTES // (2 * 8 * outputs * size))
+        chunk_size = max(1, WORKSPACE_BYTES // (2 * 8 * count * size))
+    G = torch.zeros(n, n, dtype=torch.float64, device=X.device)
     starts = range(0, n, chunk_size)
     for i in starts:
         Ji = flat(Xd[i : i + chunk_size])
@@ -210,4 +255,4 @@ def _jacobian_gram(model: nn.Module, X: torch.Tensor, chunk_size: int | None) ->
             block = torch.einsum("iop,jop->ij", Ji, Jj)
             G[i : i + chunk_size, j : j + chunk_size] = block
             G[j : j + chunk_size, i : i + chunk_size] = block.T
-    return G
+    return G, count

@@ -16,20 +16,25 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 from typing_extensions import TypedDict
 
+from services.dialects import dialect_of
 from services.errors import Conflict, FieldError, SpecError
 from services.manifest import base_manifest
 from services.metrics import MAX_STEP, NAME_PATTERN, Series, write_series
-from services.models import FINAL_STATUSES, Run, utcnow
+from services.models import FINAL_STATUSES, Run, Sweep, utcnow
 from services.numbers import JsonNumber, json_safe
 from services.runs import get_run, transition
 from services.settings import Settings
 from services.storable import StoredJson, StoredText
 from services.sweeps import SweepSpec, create_sweep
 from services.users import Forbidden
+
+MAX_TAGS = 32
+TagKey = Annotated[StoredText, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+TagValue = Annotated[StoredText, Field(max_length=256)]
 
 
 class RunCreate(BaseModel):
@@ -38,13 +43,34 @@ class RunCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     config: StoredJson = Field(
-        description="a RunConfig for a queued run; any JSON object for an external one"
+        description="a RunConfig for a queued run; an external run's params: any JSON object"
     )
     external: bool = Field(
         False, description="logged to by its own client over REST instead of the cluster"
     )
     name: StoredText = Field(
-        "run", min_length=1, max_length=200, description="of a queued run's sweep"
+        "run",
+        min_length=1,
+        max_length=200,
+        description="the run's name (a queued run's sweep takes it too)",
+    )
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict,
+        max_length=MAX_TAGS,
+        description=f"string labels: at most {MAX_TAGS}, keys [A-Za-z0-9_.:/-]{{1,64}}, "
+        "values up to 256 characters",
+    )
+    source: StoredJson | None = Field(
+        None,
+        description="what ran (script, git_commit, python, torch...): stored in the manifest "
+        "under client (at most max_config_bytes)",
+    )
+    experiment: StoredText | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="the experiment an external run joins: a sweep of kind experiment, created "
+        "on first use (per owner), listed and analysed like any sweep",
     )
 
 
@@ -87,6 +113,7 @@ class SeriesIn(BaseModel):
     values: list[JsonNumber] = Field(description="as many as steps; the i-th is at steps[i]")
 
 
+EXPERIMENT = text("kind = 'experiment'")
 _NAME_REASON = "not a metric name: [A-Za-z0-9_.-/], 1 to 128 characters"
 
 
@@ -190,6 +217,9 @@ def create_run(
 ) -> Run:
     """An external run (``running`` at once), or a queued one (a sweep of one run)."""
     if not body.external:
+        if body.experiment is not None:
+            reason = "only an external run joins an experiment (a queued run is a sweep)"
+            raise SpecError([FieldError("experiment", body.experiment, reason)])
         try:
             sweep = create_sweep(
                 db_session=db_session,
@@ -204,22 +234,36 @@ def create_run(
                     for e in exc.errors
                 ]
             ) from exc
-        return db_session.scalars(select(Run).where(Run.sweep_id == sweep.id)).one()
+        run = db_session.scalars(select(Run).where(Run.sweep_id == sweep.id)).one()
+        run.name, run.tags = body.name, dict(body.tags)
+        if body.source is not None:
+            run.manifest = run.manifest | {"client": json_safe(body.source)}
+        db_session.flush()
+        return run
     errors = _json_size("config", body.config, settings)
+    errors += _json_size("source", body.source or {}, settings)
     if errors:
         raise SpecError(errors)
     now = utcnow()
     config = json_safe(body.config)
+    sweep_id, index = None, 0
+    if body.experiment is not None:
+        sweep_id, index = join_experiment(
+            db_session=db_session, name=body.experiment, owner_id=owner_id
+        )
+    client = {} if body.source is None else {"client": json_safe(body.source)}
     run = Run(
         owner_id=owner_id,
-        sweep_id=None,
-        index=0,
+        sweep_id=sweep_id,
+        index=index,
+        name=body.name,
+        tags=dict(body.tags),
         config=config,
-        overrides={},
+        overrides=flat_params(config),
         status="running",
         attempt=1,
         summary={},
-        manifest=base_manifest() | {"config": config},
+        manifest=base_manifest() | {"config": config} | client,
         cancel_requested=False,
         external=True,
         started_at=now,
@@ -228,6 +272,49 @@ def create_run(
     db_session.add(run)
     db_session.flush()
     return run
+
+
+def flat_params(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """An external run's scalar params with dotted paths ({"opt": {"lr": 0.1}} -> {"opt.lr":
+    0.1}): its overrides, from which a sweep's analysis reads what its runs vary."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat |= flat_params(value, f"{prefix}{key}.")
+        elif value is None or isinstance(value, str | int | float | bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def join_experiment(*, db_session: Session, name: str, owner_id: int | None) -> tuple[int, int]:
+    """(sweep id, the new run's index) of ``owner_id``'s experiment ``name``, created on first
+    use. The insert does nothing if a concurrent request created it (the partial unique index
+    on owner and name); the run count's UPDATE then locks the row, so indexes are distinct."""
+    table = Sweep.__table__
+    db_session.execute(
+        dialect_of(db_session)
+        .insert(table)  # type: ignore[arg-type]
+        .values(
+            owner_id=owner_id,
+            name=name,
+            kind="experiment",
+            spec={"experiment": name},
+            run_count=0,
+            priority=0,
+            created_at=utcnow(),
+        )
+        .on_conflict_do_nothing(index_elements=["owner_id", "name"], index_where=EXPERIMENT)
+    )
+    owner = Sweep.owner_id.is_(None) if owner_id is None else Sweep.owner_id == owner_id
+    row = db_session.execute(
+        update(Sweep)
+        .where(Sweep.kind == "experiment", Sweep.name == name, owner)
+        .values(run_count=Sweep.run_count + 1)
+        .returning(Sweep.id, Sweep.run_count)
+        .execution_options(synchronize_session=False)
+    ).first()
+    assert row is not None
+    return row.id, row.run_count - 1
 
 
 def log_batch(

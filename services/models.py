@@ -25,6 +25,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     false,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
@@ -133,8 +134,24 @@ def _owner_of(model: str) -> Any:
     )
 
 
+SWEEP_KINDS = ("grid", "experiment")
+
+
 class Sweep(Owned, Base):
+    """A grid of runs from a spec (``grid``), or an ``experiment``: a named group of external
+    runs that grows as runs join it (one per owner and name; its spec holds no grid)."""
+
     __tablename__ = "sweep"
+    __table_args__ = (
+        Index(
+            "uq_sweep_experiment",
+            "owner_id",
+            "name",
+            unique=True,
+            sqlite_where=text("kind = 'experiment'"),
+            postgresql_where=text("kind = 'experiment'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     owner_id: Mapped[int | None] = mapped_column(Integer, index=True)  # a lab_user, never deleted
@@ -143,6 +160,7 @@ class Sweep(Owned, Base):
     name: Mapped[str] = mapped_column(String(200))
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)
     run_count: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16), default="grid", server_default="grid")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
@@ -172,6 +190,8 @@ class Run(Owned, Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Logged to over REST by its own training script: never claimed by the dispatcher.
     external: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    name: Mapped[str | None] = mapped_column(String(200))  # an external run's own name
+    tags: Mapped[dict[str, str]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -1,12 +1,15 @@
 """overparam.ntk: the layer-wise and torch.func Grams against an explicit per-sample Jacobian.
 
-The reference is written differently on purpose: a Python loop of ``torch.autograd.grad`` over
-samples and outputs, each gradient flattened into a row of J (n·C × P), and Θ = Σ_c J_c J_cᵀ.
+Compared with ``outputs="sum"`` (Σ_c J_c J_cᵀ); the default mean divides by C. The reference is
+written differently on purpose: a Python loop of ``torch.autograd.grad`` over samples and
+outputs, each gradient flattened into a row of J (n·C × P), and Θ = Σ_c J_c J_cᵀ.
 """
 
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -40,6 +43,10 @@ def reference_gram(model: nn.Module, X: torch.Tensor) -> torch.Tensor:
         J = torch.stack(per_output)
         G += J @ J.T
     return G
+
+
+def gram(model: nn.Module, X: torch.Tensor, **kwargs: object) -> torch.Tensor:
+    return ntk.gram(model, X, outputs="sum", **kwargs)  # type: ignore[arg-type]
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -80,10 +87,11 @@ def test_both_paths_equal_the_explicit_jacobian_for_an_mlp(outputs: int) -> None
     model, X = mlp(outputs), data(9, 5)
     expected = reference_gram(model, X)
     assert ntk.is_layerwise(model, X)
-    close(ntk.gram(model, X, method="layerwise"), expected)
-    close(ntk.gram(model, X, method="jacobian"), expected)
-    close(ntk.gram(model, X, method="jacobian", chunk_size=2), expected)  # blocks of samples
-    assert ntk.gram(model, X).dtype == torch.float64
+    close(gram(model, X, method="layerwise"), expected)
+    close(gram(model, X, method="jacobian"), expected)
+    close(gram(model, X, method="jacobian", chunk_size=2), expected)  # blocks of samples
+    assert gram(model, X).dtype == torch.float64
+    close(ntk.gram(model, X), expected / outputs)  # the default: the mean over outputs
 
 
 def test_a_custom_module_takes_the_jacobian_path() -> None:
@@ -91,10 +99,10 @@ def test_a_custom_module_takes_the_jacobian_path() -> None:
     model, X = Residual().double(), data(7, 4)
     assert not ntk.is_layerwise(model, X)
     expected = reference_gram(model, X)
-    close(ntk.gram(model, X), expected)
-    close(ntk.gram(model, X, chunk_size=3), expected)
+    close(gram(model, X), expected)
+    close(gram(model, X, chunk_size=3), expected)
     with pytest.raises(ValueError, match="layer-wise"):
-        ntk.gram(model, X, method="layerwise")
+        gram(model, X, method="layerwise")
 
 
 def test_frozen_parameters_are_left_out_on_both_paths() -> None:
@@ -102,26 +110,37 @@ def test_frozen_parameters_are_left_out_on_both_paths() -> None:
     model[0].weight.requires_grad_(False)
     model[4].bias.requires_grad_(False)
     expected = reference_gram(model, X)
-    close(ntk.gram(model, X, method="layerwise"), expected)
-    close(ntk.gram(model, X, method="jacobian"), expected)
+    close(gram(model, X, method="layerwise"), expected)
+    close(gram(model, X, method="jacobian"), expected)
 
 
 def test_a_float32_model_is_evaluated_in_float64_and_left_untouched() -> None:
     model32, X32 = mlp(1).float(), data(8, 5).float()
     # the float32 weights and inputs, exactly, in float64
     expected = reference_gram(copy.deepcopy(model32).double(), X32.double())
-    close(ntk.gram(model32, X32, method="layerwise"), expected)
-    close(ntk.gram(model32, X32, method="jacobian"), expected)
+    close(gram(model32, X32, method="layerwise"), expected)
+    close(gram(model32, X32, method="jacobian"), expected)
     assert all(p.dtype == torch.float32 for p in model32.parameters())
 
 
 def test_extremes_are_the_gram_eigenvalues() -> None:
     model, X = mlp(1), data(8, 5)
     values = torch.linalg.eigvalsh(reference_gram(model, X))
-    lo, hi = ntk.extremes(model, X)
+    lo, hi = ntk.extremes(model, X, outputs="sum")
     assert abs(lo - float(values[0])) <= RTOL * float(values[-1])
     assert abs(hi - float(values[-1])) <= RTOL * float(values[-1])
     assert ntk.eigenvalues(model, X).shape == (8,)
+
+
+def test_a_model_without_trainable_parameters_is_refused() -> None:
+    model = nn.Linear(3, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="requires a gradient"):
+        ntk.gram(model, torch.zeros(2, 3))
+
+
+def test_importing_the_module_does_not_import_torch() -> None:
+    code = "import sys, client.ntk, client; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_the_metric_names_are_the_services() -> None:
