@@ -77,7 +77,7 @@ async function loadSweeps() {
   list.replaceChildren(
     ...data.map((sweep) => {
       const counts = Object.entries(sweep.status_counts).map(([status, n]) => `${n} ${status}`).join(", ");
-      const item = card(`#sweep=${sweep.id}`, sweep.id === state.sweepId, `#${sweep.id} ${sweep.name}${byOwner(sweep)}`, `${sweep.run_count} runs: ${counts}`);
+      const item = card(`#sweep=${sweep.id}`, sweep.id === state.sweepId, `#${sweep.id} ${sweep.name}${sweep.kind === "experiment" ? " (experiment)" : ""}${byOwner(sweep)}`, `${sweep.run_count} runs: ${counts}`);
       item.dataset.sweepId = sweep.id;
       return item;
     }),
@@ -93,7 +93,7 @@ async function loadExternal() {
   const newest = data.slice(-50).reverse();
   list.replaceChildren(
     ...newest.map((run) => {
-      const item = card(`#run=${run.id}`, run.id === currentRunId(), `run #${run.id}${byOwner(run)}`, `${run.status}, ${run.summary.steps_done ?? 0} steps`);
+      const item = card(`#run=${run.id}`, run.id === currentRunId(), `run #${run.id}${run.name ? ` ${run.name}` : ""}${byOwner(run)}`, `${run.status}, ${run.summary.steps_done ?? 0} steps`);
       item.dataset.runId = run.id;
       return item;
     }),
@@ -144,7 +144,7 @@ async function showSweep(id) {
   showView("sweep");
   document.querySelectorAll("#sweeps li").forEach((li) => li.classList.toggle("selected", li.dataset.sweepId === String(id)));
   const sweep = await api(`/sweeps/${id}`);
-  document.getElementById("sweep-title").textContent = `Sweep #${sweep.id}: ${sweep.name}`;
+  document.getElementById("sweep-title").textContent = `${sweep.kind === "experiment" ? "Experiment" : "Sweep"} #${sweep.id}: ${sweep.name}`;
   const { data: runs } = await api(`/runs?sweep_id=${id}&limit=1000`);
   runs.forEach((run) => state.runs.set(run.id, run));
   [state.colorBy, state.styleBy] = varying(runs);
