@@ -11,10 +11,13 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from tests.analysis.synthetic import live_server
+from tests.api import test_auth
 from tests.api.test_api import assert_problem
+from tests.api.test_auth import Lab
 from tests.conftest import make_settings
 
 V1 = "/api/v1"
+lab = test_auth.lab  # the fixture: admin, alice and bob with tokens, authentication required
 SOURCE = {"script": "/home/a/train.py", "git_commit": "0" * 40, "python": "3.11.9"}
 
 
@@ -121,3 +124,20 @@ def test_concurrent_first_runs_create_one_experiment(db_url: str) -> None:
     assert len({r["sweep_id"] for r in results}) == 1
     assert sorted(r["index"] for r in results) == list(range(8))
     assert [(s["name"], s["run_count"]) for s in sweeps] == [("race", 8)]
+
+
+def test_each_user_has_their_own_experiments(lab: Lab) -> None:
+    """alice's and bob's "widths" are two sweeps, each owned by its user; a run of one user
+    never joins the other's."""
+
+    def join(who: str) -> dict[str, Any]:
+        body = {"config": {}, "external": True, "experiment": "widths"}
+        response = lab.post(who, "/runs", json=body)
+        assert response.status_code == 201, response.text
+        return response.json()  # type: ignore[no-any-return]
+
+    alices, bobs, alices_again = join("alice"), join("bob"), join("alice")
+    assert alices["sweep_id"] == alices_again["sweep_id"] != bobs["sweep_id"]
+    assert (alices["index"], alices_again["index"], bobs["index"]) == (0, 1, 0)
+    sweeps = lab.client.get(f"{V1}/sweeps", headers=lab.as_("admin")).json()["data"]
+    assert sorted((s["owner"], s["run_count"]) for s in sweeps) == [("alice", 2), ("bob", 1)]
