@@ -97,7 +97,7 @@ def print_sweeps(console: Console, sweeps: Sequence[Mapping[str, Any]]) -> None:
     rows = [
         [
             str(s["id"]),
-            s["name"],
+            f"{s['name']} (experiment)" if s.get("kind") == "experiment" else s["name"],
             str(s["run_count"]),
             ", ".join(f"{n} {state}" for state, n in sorted(s["status_counts"].items())),
             s["created_at"][:19].replace("T", " "),

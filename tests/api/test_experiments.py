@@ -141,3 +141,20 @@ def test_each_user_has_their_own_experiments(lab: Lab) -> None:
     assert (alices["index"], alices_again["index"], bobs["index"]) == (0, 1, 0)
     sweeps = lab.client.get(f"{V1}/sweeps", headers=lab.as_("admin")).json()["data"]
     assert sorted((s["owner"], s["run_count"]) for s in sweeps) == [("alice", 2), ("bob", 1)]
+
+
+def test_the_cli_marks_an_experiment_in_the_sweep_list() -> None:
+    import io
+
+    from rich.console import Console
+
+    from client.reports import print_sweeps
+
+    out = io.StringIO()
+    row = {"id": 3, "run_count": 2, "status_counts": {"running": 2}}
+    row |= {"created_at": "2026-11-28T08:00:00Z", "owner": "local"}
+    sweeps = [row | {"name": "widths", "kind": "experiment"}, row | {"id": 2, "name": "grid"}]
+    print_sweeps(Console(file=out, width=120), sweeps)
+    lines = out.getvalue().splitlines()
+    assert any("widths (experiment)" in line for line in lines)
+    assert not any("grid (experiment)" in line for line in lines)
