@@ -3,6 +3,9 @@ no cache, and the same numbers whichever API worker answers.
 
 - ``overparam_runs{state}`` and ``overparam_user_runs{user,state}``: runs by state, and by
   owner and state (``user`` is empty for runs without an owner);
+- ``overparam_metric_points_stored`` and ``overparam_user_metric_points{user}``: metric points
+  stored, whoever wrote them (``overparam_metric_points_ingested_total`` counts only what this
+  endpoint's processes wrote: not a dispatcher of its own);
 - ``overparam_queue_oldest_wait_seconds``: how long the oldest queued run has waited since it
   was submitted (0 with an empty queue);
 - ``overparam_dispatcher_heartbeat_age_seconds``: seconds since the leading dispatcher's last
@@ -68,16 +71,18 @@ def read_state(db: Session) -> Iterator[GaugeMetricFamily]:
 
 def runs(db: Session) -> Iterator[GaugeMetricFamily]:
     rows = db.execute(
-        select(User.name, Run.status, func.count())
+        select(User.name, Run.status, func.count(), func.coalesce(func.sum(Run.points), 0))
         .select_from(Run)
         .outerjoin(User, Run.owner_id == User.id)
         .group_by(User.name, Run.status)
     ).all()
     by_state = dict.fromkeys(RUN_STATUSES, 0)
     by_user: dict[str, dict[str, int]] = {}
-    for user, state, count in rows:
+    points: dict[str, int] = {}
+    for user, state, count, stored in rows:
         by_state[state] = by_state.get(state, 0) + count
         by_user.setdefault(user or "", dict.fromkeys(RUN_STATUSES, 0))[state] = count
+        points[user or ""] = points.get(user or "", 0) + int(stored)
     states = GaugeMetricFamily("overparam_runs", "runs by state", labels=["state"])
     for state, count in by_state.items():
         states.add_metric([state], count)
@@ -89,6 +94,17 @@ def runs(db: Session) -> Iterator[GaugeMetricFamily]:
         for state, count in counts.items():
             users.add_metric([user, state], count)
     yield users
+    yield gauge(
+        "overparam_metric_points_stored",
+        "metric points stored, of every run (whoever wrote them: the dispatchers, REST batches)",
+        sum(points.values()),
+    )
+    stored = GaugeMetricFamily(
+        "overparam_user_metric_points", "metric points stored, by owner", labels=["user"]
+    )
+    for user, count in sorted(points.items()):
+        stored.add_metric([user], count)
+    yield stored
 
 
 def queue(db: Session) -> Iterator[GaugeMetricFamily]:

@@ -125,6 +125,7 @@ def test_state_gauges_are_read_from_the_database(client: TestClient, db_url: str
         assert running is not None
         running.status, running.owner_id = "running", alice.id
         running.resources = {"cpus": 1.0, "gpus": 0.5, "memory_bytes": 1}
+        running.points = 40
         db.get(Run, sweep["run_ids"][1]).created_at = utcnow() - timedelta(hours=1)  # type: ignore[union-attr]
         nodes = [{"CPU": 4.0, "GPU": 1.0, "memory": 1e9}, {"CPU": 4.0, "GPU": 1.0, "memory": 1e9}]
         db.add(DispatcherRecord(id="a", host="h", pid=1, leader=True, nodes=nodes))
@@ -139,6 +140,9 @@ def test_state_gauges_are_read_from_the_database(client: TestClient, db_url: str
     assert seen[("overparam_user_runs", (("state", "running"), ("user", "alice")))] == 1
     assert seen[("overparam_user_runs", (("state", "queued"), ("user", "local")))] == 1
     assert seen[("overparam_user_runs", (("state", "running"), ("user", "local")))] == 0
+    assert seen[("overparam_metric_points_stored", ())] == 40
+    assert seen[("overparam_user_metric_points", (("user", "alice"),))] == 40
+    assert seen[("overparam_user_metric_points", (("user", "local"),))] == 0
     assert seen[("overparam_queue_oldest_wait_seconds", ())] >= 3600
     assert 0 <= seen[("overparam_dispatcher_heartbeat_age_seconds", ())] < 300, "the newest"
     assert seen[("overparam_dispatchers", (("role", "leader"),))] == 1, "the stale one is gone"
