@@ -79,10 +79,10 @@ def runs(db: Session) -> Iterator[GaugeMetricFamily]:
     by_state = dict.fromkeys(RUN_STATUSES, 0)
     by_user: dict[str, dict[str, int]] = {}
     points: dict[str, int] = {}
-    for user, state, count, stored in rows:
+    for user, state, count, written in rows:
         by_state[state] = by_state.get(state, 0) + count
         by_user.setdefault(user or "", dict.fromkeys(RUN_STATUSES, 0))[state] = count
-        points[user or ""] = points.get(user or "", 0) + int(stored)
+        points[user or ""] = points.get(user or "", 0) + int(written)
     states = GaugeMetricFamily("overparam_runs", "runs by state", labels=["state"])
     for state, count in by_state.items():
         states.add_metric([state], count)
