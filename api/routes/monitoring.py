@@ -42,8 +42,10 @@ def check_scraper(request: Request) -> None:
     settings = request.app.state.settings
     header = request.headers.get("authorization", "")
     given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    if settings.metrics_token is not None:
-        if hmac.compare_digest(given.encode(), settings.metrics_token.get_secret_value().encode()):
+    # An empty token is none (compose passes ${METRICS_TOKEN:-}): it must never match no header.
+    expected = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
+    if expected:
+        if hmac.compare_digest(given.encode(), expected.encode()):
             return
         raise Unauthenticated("/metrics needs OVERPARAM_METRICS_TOKEN: Authorization: Bearer <it>")
     if request.app.state.auth != "off":

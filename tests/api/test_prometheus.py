@@ -201,10 +201,16 @@ def test_metrics_need_the_metrics_token_when_set(closed_lab: TestClient) -> None
     assert scrape(closed_lab, Authorization="Bearer s3cret-scrape")
 
 
-def test_metrics_are_closed_when_tokens_are_required_and_no_metrics_token(db_url: str) -> None:
+@pytest.mark.parametrize("metrics_token", [None, ""])
+def test_metrics_are_closed_when_tokens_are_required_and_no_metrics_token(
+    db_url: str, metrics_token: str | None
+) -> None:
+    """An empty OVERPARAM_METRICS_TOKEN (compose's ``${METRICS_TOKEN:-}``) is no token."""
     admin = {"Authorization": f"Bearer {make_admin(db_url)}"}
-    with TestClient(create_app(make_settings(db_url, auth="required"))) as c:
+    settings = make_settings(db_url, auth="required", metrics_token=metrics_token)
+    with TestClient(create_app(settings)) as c:
         answer = c.get("/metrics", headers=admin)
+        assert c.get("/metrics").status_code == 401
     assert answer.status_code == 401 and "OVERPARAM_METRICS_TOKEN" in answer.json()["detail"]
 
 
