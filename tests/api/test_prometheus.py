@@ -254,3 +254,21 @@ def test_json_log_lines_carry_the_request_id() -> None:
     config = log_config("json")
     assert set(config["loggers"]) == {"uvicorn", "uvicorn.error", "uvicorn.access"}
     assert config["handlers"]["stderr"]["filters"] == ["request_id"]
+
+
+def test_gauges_of_workers_that_are_gone_are_dropped(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from api.routes.monitoring import forget_dead_processes
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    for name in (f"gauge_livesum_{gone}.db", f"gauge_livesum_{os.getpid()}.db",
+                 f"counter_{gone}.db", "gauge_livesum_x.db"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    forget_dead_processes(tmp_path)
+    left = {p.name for p in tmp_path.iterdir()}
+    kept = {f"counter_{gone}.db", f"gauge_livesum_{os.getpid()}.db", "gauge_livesum_x.db"}
+    assert left == kept, "counts stay; the live worker's and odd names stay"
