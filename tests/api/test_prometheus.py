@@ -95,6 +95,24 @@ def test_points_of_a_rolled_back_transaction_are_not_counted(db_url: str) -> Non
     engine.dispose()
 
 
+def test_the_dispatchers_points_are_counted_as_its_batches_commit(db_url: str) -> None:
+    from services.dispatcher import Dispatcher, RunProgress
+    from worker.events import MetricBatch
+
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with session_scope(sessions) as db:
+        run = Run(config={}, status="running")
+        db.add(run)
+    dispatcher = Dispatcher(make_settings(db_url), sessions, submit=lambda launch: None)
+    before = sample("overparam_metric_points_ingested_total")
+    batch = MetricBatch.of([("loss", step, 1.0) for step in range(5)])
+    dispatcher._record(run.id, batch, RunProgress())
+    dispatcher._record(run.id, batch, RunProgress())  # a re-sent batch: nothing new
+    assert sample("overparam_metric_points_ingested_total") == before + 5
+    engine.dispose()
+
+
 def state(db_url: str) -> dict[tuple[str, tuple[Any, ...]], float]:
     engine = make_engine(db_url)
     try:
