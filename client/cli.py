@@ -92,6 +92,8 @@ def serve(
         settings = settings.model_copy(update={"auth": "off" if loopback else "required"})
     console.print(banner(settings, host, port))
     log_config = logs.log_config(settings.log_format)
+    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_directory(settings.data_dir))
     if workers == 1:
         from api.main import create_app
 
@@ -102,7 +104,6 @@ def serve(
 
     # The workers read their settings from the environment; the resolved "auto" goes with it.
     os.environ["OVERPARAM_AUTH"] = settings.auth
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_directory(settings.data_dir))
     config = uvicorn.Config(
         "api.main:create_app",
         factory=True,
