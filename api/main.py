@@ -16,6 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from api import openapi, problems
 from api.auth import Limiter, current_user
 from api.limits import BodySizeLimit
+from api.observe import ObserveRequests
 from api.routes import (
     analysis,
     dashboard,
@@ -23,6 +24,7 @@ from api.routes import (
     external_runs,
     health,
     metrics,
+    monitoring,
     runs,
     streams,
     sweeps,
@@ -34,6 +36,7 @@ from services.external_runs import MetricBatchIn
 from services.manifest import package_version
 from services.settings import Settings, get_settings
 from services.streams import Hub
+from services.telemetry import instrument_pool
 from services.users import Caller, admins, local_user
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
     )
+    instrument_pool(engine)
     app.state.sessions = make_sessionmaker(engine)
     # Threads: request threads (anyio's default limiter) and commit threads apart (api/deps.py);
     # the pool has a connection for each of them and for streams and the dispatcher.
@@ -121,6 +125,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
     # Our own limit, not FastAPI's max_body_size: that one answers 413 in text/plain.
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(ObserveRequests)  # added last: the outermost, it sees every answer
     problems.install(app)
     openapi.install(app, MetricBatchIn)  # validated by its route from the raw bytes
     v1 = APIRouter(prefix="/api/v1", dependencies=[Depends(current_user)])
@@ -132,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(users.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(monitoring.router)
     app.include_router(dashboard.router)
     dashboard.mount_static(app)
     return app

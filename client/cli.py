@@ -60,26 +60,71 @@ def invocation() -> tuple[str, str]:
 def serve(
     host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8000,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="API processes; more than 1 needs OVERPARAM_EMBEDDED_DISPATCHER=false and a "
+            "dispatcher of its own (`overparam dispatch`)",
+        ),
+    ] = 1,
 ) -> None:
     """Run the service: API + dispatcher + local Ray (unless OVERPARAM_RAY_ADDRESS is set)."""
-    import logging
+    import os
 
     import uvicorn
 
-    from api.main import create_app
+    from services import logs
     from services.settings import get_settings
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    sock = listening_socket(host, port)  # before the database or Ray: a taken port stops here
     settings = get_settings()
+    logs.configure(settings.log_format)
+    if workers > 1 and settings.embedded_dispatcher:
+        console.print(
+            "[red]error:[/red] --workers above 1 needs OVERPARAM_EMBEDDED_DISPATCHER=false: "
+            "each worker would be a Ray driver and a dispatcher (run `overparam dispatch` "
+            "once, beside the API; docs/deploy.md)"
+        )
+        raise typer.Exit(1)
+    sock = listening_socket(host, port)  # before the database or Ray: a taken port stops here
     if settings.auth == "auto":  # the laptop needs no token; anything reachable from outside does
         loopback = host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
         settings = settings.model_copy(update={"auth": "off" if loopback else "required"})
     console.print(banner(settings, host, port))
-    config = uvicorn.Config(create_app(settings), log_level="info")
-    uvicorn.Server(config).run(sockets=[sock])
+    log_config = logs.log_config(settings.log_format)
+    if workers > 1 or os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_directory(settings.data_dir))
+    if workers == 1:
+        from api.main import create_app
+
+        config = uvicorn.Config(create_app(settings), log_level="info", log_config=log_config)
+        uvicorn.Server(config).run(sockets=[sock])
+        return
+    from uvicorn.supervisors import Multiprocess
+
+    # The workers read their settings from the environment; the resolved "auto" goes with it.
+    os.environ["OVERPARAM_AUTH"] = settings.auth
+    config = uvicorn.Config(
+        "api.main:create_app",
+        factory=True,
+        workers=workers,
+        log_level="info",
+        log_config=log_config,
+    )
+    Multiprocess(config, sockets=[sock]).run()
+
+
+def metrics_directory(data_dir: Path) -> Path:
+    """Where several API workers keep their Prometheus counts (``PROMETHEUS_MULTIPROC_DIR``):
+    the environment's choice, else ``<data_dir>/prometheus``; emptied of an earlier service's
+    files (its counts would be added to this one's)."""
+    import os
+
+    directory = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or data_dir / "prometheus")
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    return directory
 
 
 def banner(settings: Any, host: str, port: int) -> str:
@@ -116,18 +161,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
 def dispatch() -> None:
     """Run a standalone dispatcher (the Ray driver) against OVERPARAM_DATABASE_URL."""
     import asyncio
-    import logging
     import signal
 
-    from services import ray_cluster
+    from services import logs, ray_cluster
     from services.db import make_engine, make_sessionmaker
     from services.dispatcher import Dispatcher
     from services.settings import get_settings
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     settings = get_settings()
+    logs.configure(settings.log_format)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from services.chunks import SMALL_CHUNK, TAIL_WINDOW, Points, StoredChunk, plan_write
 from services.dialects import dialect_of
 from services.models import MetricChunk, MetricName
+from services.telemetry import points_written
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.\-/]{1,128}$")
 MAX_STEP = 2**63 - 1  # the largest step both backends store as an integer
@@ -100,6 +101,7 @@ def write_series(*, db_session: Session, run_id: int, series: Series) -> int:
         db_session.connection().execute(_UPDATE, updates)
     if inserts:
         db_session.connection().execute(_TABLE.insert(), inserts)
+    points_written(db_session, new)
     return new
 
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     )
     quota_max_dataset_bytes: int = Field(
         1 << 30, ge=0, description="bytes of datasets a user stores (0: no limit)"
+    )
+
+    # Monitoring (docs/deploy.md: Prometheus, Grafana, logs).
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="bearer token Prometheus sends to GET /metrics; unset: /metrics is open "
+        "while API tokens are off and closed while they are required",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line with a request id"
     )
 
     # Threads and connections of one API process (docs/deploy.md: the connection budget).

@@ -36,6 +36,7 @@ from services.db import session_scope
 from services.history import Series, metric_names
 from services.models import FINAL_STATUSES, MetricChunk, MetricName, Run
 from services.numbers import point_objects
+from services.telemetry import SSE_SUBSCRIBERS
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +358,7 @@ class Hub:
         feed.subscribers.add(subscriber)
         if feed.task is None:
             feed.task = asyncio.create_task(feed.run(), name=f"stream-{source.kind}-{source.id}")
+        SSE_SUBSCRIBERS.inc()
         try:
             yield b"retry: 2000\n\n"
             async for data in self._catch_up(subscriber, names):
@@ -370,6 +372,7 @@ class Hub:
                         return
         finally:
             feed.subscribers.discard(subscriber)
+            SSE_SUBSCRIBERS.dec()
 
     async def _catch_up(
         self, subscriber: Subscriber, names: Sequence[str] | None

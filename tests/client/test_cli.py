@@ -245,3 +245,36 @@ def test_a_lab_user_is_made_signs_in_once_and_the_cli_uses_the_token(
         assert "ada" in invoke("sweeps", "--owner", "ada", "--url", url)
         assert "ada" not in invoke("runs", "--owner", "nobody", "--url", url)
     get_settings.cache_clear()
+
+
+def test_serve_refuses_several_workers_with_the_embedded_dispatcher(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from services.settings import get_settings
+
+    monkeypatch.setenv("OVERPARAM_EMBEDDED_DISPATCHER", "true")
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["serve", "--port", "1", "--workers", "2"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1
+    assert "OVERPARAM_EMBEDDED_DISPATCHER=false" in result.output
+
+
+def test_the_workers_metrics_directory_starts_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An earlier service's counts are not added to this one's; nothing else is removed."""
+    from client.cli import metrics_directory
+
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    default = metrics_directory(tmp_path)
+    assert default == tmp_path / "prometheus" and default.is_dir()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "counter_123.db").write_bytes(b"old")
+    (mine / "notes.txt").write_text("keep")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mine))
+    assert metrics_directory(tmp_path) == mine
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

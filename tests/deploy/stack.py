@@ -11,6 +11,8 @@ host-only flags in ``topology.py`` (several Ray nodes on one host must not share
 temp dirs).
 
 PostgreSQL is not here: compose runs the postgres:16 image, the harness an existing server.
+Neither are Prometheus and Grafana: compose starts them only under the ``observability``
+profile (``test_observability.py`` checks their configuration).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Addresses:
     dashboard_port: str
     checkpoint_dir: str
     ray_auth_token: str
+    metrics_token: str  # the bearer token Prometheus scrapes the API's /metrics with
     worker_cpus: str
     worker_gpus: str
 
@@ -92,11 +95,11 @@ SERVICES: dict[str, Service] = {
         depends_on={"postgres": "service_healthy"},
     ),
     "api": Service(
-        # Several workers are safe: the API holds no Ray driver and does not migrate.
+        # Several workers are safe: the API holds no Ray driver and does not migrate. `serve`
+        # gives them one directory for their Prometheus counts (PROMETHEUS_MULTIPROC_DIR).
         command=(
-            "uvicorn",
-            "--factory",
-            "api.main:create_app",
+            "overparam",
+            "serve",
             "--host",
             "{bind_host}",
             "--port",
@@ -108,7 +111,8 @@ SERVICES: dict[str, Service] = {
         | {
             "OVERPARAM_EMBEDDED_DISPATCHER": "false",
             "OVERPARAM_AUTH": "required",
-            "OVERPARAM_ALLOWED_HOSTS": '["localhost","127.0.0.1"]',
+            "OVERPARAM_ALLOWED_HOSTS": '["localhost","127.0.0.1","api"]',
+            "OVERPARAM_METRICS_TOKEN": "{metrics_token}",
         },
         healthcheck=(
             "python",
@@ -191,6 +195,7 @@ COMPOSE = Addresses(
     dashboard_port="8265",
     checkpoint_dir="/var/lib/overparam/checkpoints",
     ray_auth_token="${RAY_AUTH_TOKEN:?set RAY_AUTH_TOKEN in .env}",
+    metrics_token="${METRICS_TOKEN:-}",
     worker_cpus="${RAY_WORKER_CPUS:-4}",
     worker_gpus="${RAY_WORKER_GPUS:-1}",
 )

@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.topology import BIN_DIR, Topology, cmdline, marked, pg_topology
 
@@ -84,6 +85,29 @@ def test_the_processes_have_the_compose_shape(topology: Topology, api: httpx.Cli
         node = nodes[worker.node_id() or ""]
         assert node["resources_total"]["CPU"] == 1.0 and "GPU" not in node["resources_total"]
     assert len(nodes) == 3
+
+
+def test_prometheus_scrapes_the_api_with_the_metrics_token(topology: Topology) -> None:
+    """/metrics is closed without the token (API tokens are required) and, with it, reads the
+    cluster as the dispatcher's heartbeat describes it."""
+    assert httpx.get(f"{topology.base_url}/metrics", timeout=10).status_code == 401
+    bearer = {"Authorization": f"Bearer {topology.metrics_token}"}
+    deadline = time.monotonic() + 30
+    while True:
+        answer = httpx.get(f"{topology.base_url}/metrics", headers=bearer, timeout=10)
+        assert answer.status_code == 200, answer.text
+        seen = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
+        if seen[("overparam_ray_nodes", ())] == 2:
+            break
+        assert time.monotonic() < deadline, seen[("overparam_ray_nodes", ())]
+        time.sleep(0.5)
+    assert seen[("overparam_database_up", ())] == 1
+    assert seen[("overparam_dispatchers", (("role", "leader"),))] == 1
+    assert seen[("overparam_ray_gpus", ())] == 0
 
 
 def test_ray_refuses_callers_without_the_token(topology: Topology) -> None:

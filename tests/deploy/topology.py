@@ -2,9 +2,9 @@
 
 :class:`Topology` starts what docker-compose.yml starts, from the same description
 (:data:`tests.deploy.stack.SERVICES`): the migration, a Ray head with no CPUs or GPUs, worker
-nodes that join it, the API under uvicorn with two workers, and dispatchers, each with the
-environment its compose service gets (token auth on every Ray process). PostgreSQL is an
-existing server; the caller passes a fresh database's URL.
+nodes that join it, the API (``overparam serve``) with two uvicorn workers, and dispatchers,
+each with the environment its compose service gets (token auth on every Ray process).
+PostgreSQL is an existing server; the caller passes a fresh database's URL.
 
 Several Ray nodes on one host: each node gets its own ``--temp-dir`` (sessions, sockets, logs)
 and lets the OS pick its worker, agent and manager ports (``0``); the head's GCS, dashboard and
@@ -215,6 +215,7 @@ class Topology:
         self.root = root or Path(tempfile.mkdtemp(prefix="ovp-", dir="/tmp"))
         self.initial_workers, self.initial_dispatchers = workers, dispatchers
         self.token = secrets.token_hex(32)
+        self.metrics_token = secrets.token_hex(16)
         ray_port, api_port, dashboard_port = free_port(), free_port(), free_port()
         self.client_port = free_port()
         self.addresses = Addresses(
@@ -226,6 +227,7 @@ class Topology:
             dashboard_port=str(dashboard_port),
             checkpoint_dir=str(self.root / "checkpoints"),
             ray_auth_token=self.token,
+            metrics_token=self.metrics_token,
             worker_cpus=str(worker_cpus),
             worker_gpus=str(worker_gpus),
         )
