@@ -90,3 +90,22 @@ def test_the_source_names_the_scripts_commit_only_in_a_repository(tmp_path: Path
     assert inside["git_commit"] == head and inside["git_dirty"] is False
     script.write_text("print('changed')\n")
     assert script_source(str(script))["git_dirty"] is True
+
+
+def test_a_run_left_by_an_exception_is_failed_with_it(tmp_path: Path) -> None:
+    from services.migrate import upgrade
+
+    db = f"sqlite:///{tmp_path / 'o.db'}"
+    upgrade(db)
+    app = TestClient(create_app(make_settings(db)))
+    with app, live_server(app.app) as url, OverparamClient(url) as op:  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="diverged"), op.start_run("boom", source=False) as run:
+            run.log({"loss": float("nan")}, step=0)
+            raise ValueError("diverged")
+        failed = op.run(run.id)
+        with op.start_run(name="fine", source={"script": "notebook"}) as ok:
+            pass
+        done = op.run(ok.id)
+    assert (failed["status"], failed["error"]) == ("failed", "ValueError: diverged")
+    assert "client" not in failed["manifest"]
+    assert (done["status"], done["manifest"]["client"]) == ("succeeded", {"script": "notebook"})
