@@ -141,7 +141,7 @@ def gram(
             "the layer-wise path needs an nn.Sequential of nn.Linear layers and parameter-free "
             "elementwise activations on an (n, d) input; use method='jacobian'"
         )
-    with _no_tf32(torch):
+    with _no_tf32(torch), torch.enable_grad():  # also when called under torch.no_grad()
         if method == "layerwise" or (method == "auto" and layerwise):
             G, count = _layerwise_gram(torch, model, X)
         else:

@@ -132,6 +132,14 @@ def test_extremes_are_the_gram_eigenvalues() -> None:
     assert ntk.eigenvalues(model, X).shape == (8,)
 
 
+def test_both_paths_work_under_no_grad() -> None:
+    model, X = mlp(2), data(6, 5)
+    expected = reference_gram(model, X)
+    with torch.no_grad():
+        close(gram(model, X, method="layerwise"), expected)
+        close(gram(model, X, method="jacobian"), expected)
+
+
 def test_a_model_without_trainable_parameters_is_refused() -> None:
     model = nn.Linear(3, 1).requires_grad_(False)
     with pytest.raises(ValueError, match="requires a gradient"):
