@@ -507,5 +507,5 @@ def export(
     console.print(f"wrote {out} ({size} bytes, {kind})")
 
 
-if __name__ == "__main__":  # `python -m overparam.cli`: the CLI of this checkout
+if __name__ == "__main__":  # `python -m overparam.cli` (`python -m client.cli` in a checkout)
     app()
