@@ -7,8 +7,10 @@ with the ``dev`` dependency group (PEP 735; pip >= 25.1 reads it, so pip is upgr
 
     python3 bootstrap.py serve [--host H --port P]   # the service on SQLite + local Ray
     python3 bootstrap.py test [pytest args]          # the whole test suite
+    python3 bootstrap.py install                     # only the set-up
 
-Needs only Python ≥ 3.11 with pip. Re-runs skip the install while pyproject.toml is unchanged.
+Needs only Python ≥ 3.11 with pip. Re-runs skip the install while both pyproject.toml files
+(the root's, client/'s) are unchanged.
 ``OVERPARAM_TORCH`` chooses the torch requirement (default ``torch==2.13.0``, the CPU build;
 set e.g. ``torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128`` on GPU hosts).
 """
