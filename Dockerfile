@@ -12,7 +12,7 @@
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# ---- build: a virtualenv with torch, the pinned dependencies and overparam ------------------
+# ---- build: a virtualenv with torch, the pinned dependencies and both distributions ------
 FROM ${PYTHON_IMAGE} AS build
 
 # cuda: torch 2.13.0 from PyPI (bundles the CUDA runtime; the host needs only the driver).
@@ -28,10 +28,13 @@ RUN case "$TORCH_VARIANT" in \
       *)    echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
     esac
 
-# The dependencies alone first (from pyproject.toml, which pins ray[default] to 2.60.*), so a
-# source change does not reinstall Ray; torch is already there and satisfies its range.
+# The dependencies alone first (from the two pyproject.toml files: the client's, client/, and
+# the server's, which pins ray[default] to 2.60.*), so a source change does not reinstall Ray;
+# torch is already there and satisfies its range. The server's requirement on the client
+# (overparam==…) is left out here: the client is installed from /src/client below.
 COPY pyproject.toml /src/
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/src/pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
+COPY client/pyproject.toml /src/client/
+RUN python -c "import tomllib; files = ('/src/client/pyproject.toml', '/src/pyproject.toml'); deps = [d for f in files for d in tomllib.load(open(f, 'rb'))['project']['dependencies']]; print('\n'.join(d for d in deps if not d.startswith('overparam=')))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
 
 COPY README.md /src/
@@ -40,8 +43,11 @@ COPY services /src/services
 COPY worker /src/worker
 COPY client /src/client
 COPY migrations /src/migrations
-RUN pip install --no-deps /src \
- && python -c "import sys, ray, torch; assert sys.version_info[:2] == (3, 11), sys.version; assert ray.__version__.startswith('2.60.'), ray.__version__; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+# the client (distribution overparam: package overparam, the `overparam` command), then the
+# server (overparam-server: api, services, worker, migrations)
+RUN pip install --no-deps /src/client \
+ && pip install --no-deps /src \
+ && python -c "import sys, ray, torch, overparam, api.main; assert sys.version_info[:2] == (3, 11), sys.version; assert ray.__version__.startswith('2.60.'), ray.__version__; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 # ---- runtime: the virtualenv on a clean base, run as an unprivileged user --------------------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -1,10 +1,16 @@
 #!/usr/bin/env python3
 """One-command set-up: create ``.venv``, install overparam into it, then run a command.
 
+It installs both distributions of this repository, editable: ``overparam`` (client/: the
+Python client and CLI) and ``overparam-server`` (the root: api, services, worker, migrations),
+with the ``dev`` dependency group (PEP 735; pip >= 25.1 reads it, so pip is upgraded first).
+
     python3 bootstrap.py serve [--host H --port P]   # the service on SQLite + local Ray
     python3 bootstrap.py test [pytest args]          # the whole test suite
+    python3 bootstrap.py install                     # only the set-up
 
-Needs only Python ≥ 3.11 with pip. Re-runs skip the install while pyproject.toml is unchanged.
+Needs only Python ≥ 3.11 with pip. Re-runs skip the install while both pyproject.toml files
+(the root's, client/'s) are unchanged.
 ``OVERPARAM_TORCH`` chooses the torch requirement (default ``torch==2.13.0``, the CPU build;
 set e.g. ``torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128`` on GPU hosts).
 """
@@ -24,10 +30,16 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 
 
-def _install(extras: str) -> None:
+PIP_WITH_GROUPS = "pip>=25.1"  # `pip install --group` (PEP 735 dependency groups)
+
+
+def _install(group: str) -> None:
     torch_req = os.environ.get("OVERPARAM_TORCH", "torch==2.13.0")
     fingerprint = hashlib.sha256(
-        (ROOT / "pyproject.toml").read_bytes() + extras.encode() + torch_req.encode()
+        (ROOT / "pyproject.toml").read_bytes()
+        + (ROOT / "client" / "pyproject.toml").read_bytes()
+        + group.encode()
+        + torch_req.encode()
     ).hexdigest()
     stamp = VENV / ".bootstrap-stamp"
     if stamp.exists() and stamp.read_text() == fingerprint:
@@ -37,11 +49,16 @@ def _install(extras: str) -> None:
         venv.create(VENV, with_pip=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print(
-        f"installing {torch_req} and overparam[{extras}] into {VENV} (first run only)", flush=True
+        f"installing {torch_req}, overparam (client), overparam-server and the {group!r} group "
+        f"into {VENV} (first run only)",
+        flush=True,
     )
+    subprocess.run([*pip, PIP_WITH_GROUPS], check=True)
     # torch first and pinned: a bare requirement would pull a multi-GB CUDA build.
     subprocess.run([*pip, *shlex.split(torch_req)], check=True)
-    subprocess.run([*pip, "-e", f"{ROOT}[{extras}]" if extras else str(ROOT)], check=True)
+    # Both in one resolution: the server's requirement `overparam==…` is the local client.
+    groups = ["--group", f"{ROOT / 'pyproject.toml'}:{group}"] if group else []
+    subprocess.run([*pip, "-e", str(ROOT / "client"), "-e", str(ROOT), *groups], check=True)
     stamp.write_text(fingerprint)
 
 

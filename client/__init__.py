@@ -1,5 +1,15 @@
-"""The Python client (httpx) and the ``overparam`` CLI; they talk to the service over HTTP only."""
+"""overparam: the Python client (httpx) and the ``overparam`` CLI, which talk to the service
+over HTTP only, and :mod:`overparam.ntk`, the empirical NTK of your own torch model.
 
-from client.client import OverparamClient, OverparamError
+Installed alone (``pip install ./client``) it needs httpx, typer, rich and PyYAML; torch only
+for :mod:`overparam.ntk` (imported when called), the server (``overparam-server``) only for
+``overparam serve``, ``dispatch``, ``db`` and ``admin``.
+"""
 
-__all__ = ["OverparamClient", "OverparamError"]
+from . import ntk
+from .client import OverparamClient, OverparamError
+
+Client = OverparamClient
+
+__all__ = ["Client", "OverparamClient", "OverparamError", "ntk"]
+__version__ = "0.1.0"

@@ -4,6 +4,7 @@ commands that need them, so ``overparam runs`` starts in a fraction of a second.
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 import socket
@@ -15,9 +16,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from client import reports
-from client.client import DEFAULT_URL, OverparamClient, OverparamError, load_spec, save_token
-from client.tables import Column, fitted_table, number
+from . import reports
+from .client import DEFAULT_URL, OverparamClient, OverparamError, load_spec, save_token
+from .tables import Column, fitted_table, number
 
 app = typer.Typer(help="overparam: over-parameterization sweeps on Ray.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema management.", no_args_is_help=True)
@@ -42,13 +43,26 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1)
 
 
+def _need_server() -> None:
+    """Stop with a clear message where only the client is installed: serve, dispatch, db and
+    admin run the server's code (the ``overparam-server`` distribution: api, services, …)."""
+    if importlib.util.find_spec("services") is None or importlib.util.find_spec("api") is None:
+        _fail(
+            RuntimeError(
+                "this command needs the overparam server, which is not installed here (only "
+                "the client is): in a checkout, `python3 bootstrap.py install` or "
+                "`pip install ./client .`"
+            )
+        )
+
+
 def invocation() -> tuple[str, str]:
     """(how to call this CLI from a shell here, how to put it on the PATH): ``overparam`` when
     the PATH finds this installation's script, else that script's path (``.venv/bin/overparam``)
-    and its virtualenv's ``activate``; ``python -m client.cli`` without a script."""
+    and its virtualenv's ``activate``; ``python -m overparam.cli`` without a script."""
     script = Path(sys.executable).with_name("overparam")
     if not script.exists():
-        return f"{sys.executable} -m client.cli", ""
+        return f"{sys.executable} -m overparam.cli", ""
     found = shutil.which("overparam")
     if found and Path(found).resolve() == script.resolve():
         return "overparam", ""
@@ -70,6 +84,7 @@ def serve(
     ] = 1,
 ) -> None:
     """Run the service: API + dispatcher + local Ray (unless OVERPARAM_RAY_ADDRESS is set)."""
+    _need_server()
     import os
 
     import uvicorn
@@ -160,6 +175,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
 @app.command()
 def dispatch() -> None:
     """Run a standalone dispatcher (the Ray driver) against OVERPARAM_DATABASE_URL."""
+    _need_server()
     import asyncio
     import signal
 
@@ -227,6 +243,7 @@ def admin_create_token(
     label: Annotated[str, typer.Option(help="what the token is for")] = "cli",
 ) -> None:
     """Print a new API token for a user (shown once: keep it)."""
+    _need_server()
     from services import users
 
     def make(db: Any) -> str:
@@ -245,6 +262,7 @@ def _create_user(db: Any, name: str, role: str) -> str:
 
 def _on_database(work: Any) -> Any:
     """``work(session)`` in one committed transaction on OVERPARAM_DATABASE_URL (migrated)."""
+    _need_server()
     from services import migrate
     from services.db import make_engine, make_sessionmaker, session_scope
     from services.errors import Conflict, NotFound, SpecError
@@ -265,6 +283,7 @@ def _on_database(work: Any) -> Any:
 @db_app.command("upgrade")
 def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply migrations up to REVISION (default: the latest)."""
+    _need_server()
     from sqlalchemy import make_url
 
     from services import migrate
@@ -280,6 +299,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: Annotated[str, typer.Argument()] = "base") -> None:
     """Revert migrations down to REVISION (default: an empty database)."""
+    _need_server()
     from services import migrate
     from services.settings import get_settings
 
@@ -419,7 +439,7 @@ def metrics(
 @app.command()
 def watch(sweep: int, url: UrlOption = DEFAULT_URL) -> None:
     """Live progress bars for every run of a sweep (step, loss, λ_min, state, ETA)."""
-    from client.watch import watch_sweep
+    from .watch import watch_sweep
 
     try:
         with _client(url) as client:
@@ -529,5 +549,5 @@ def export(
     console.print(f"wrote {out} ({size} bytes, {kind})")
 
 
-if __name__ == "__main__":  # `python -m client.cli`: the CLI of this checkout
+if __name__ == "__main__":  # `python -m overparam.cli` (`python -m client.cli` in a checkout)
     app()

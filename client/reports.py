@@ -9,7 +9,7 @@ from typing import Any
 
 from rich.console import Console
 
-from client.tables import Column, fitted_table, number
+from .tables import Column, fitted_table, number
 
 LABELS = {
     "final_loss": "final loss L(K)",

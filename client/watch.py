@@ -29,8 +29,8 @@ from rich.progress import (
 )
 from rich.table import Column
 
-from client.client import OverparamClient, ServerEvent
-from client.tables import number
+from .client import OverparamClient, ServerEvent
+from .tables import number
 
 # The worker's metric names (worker/metrics.py LOSS and LAMBDA_MIN; a test keeps them equal):
 # the client talks HTTP only and does not import the worker.

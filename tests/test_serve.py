@@ -22,7 +22,7 @@ from tests.deploy.topology import free_port
 
 pytestmark = pytest.mark.slow
 
-OVERPARAM = [sys.executable, "-m", "client.cli"]
+OVERPARAM = [sys.executable, "-m", "overparam.cli"]
 LONG = {"base": {"data": {"n": 8, "d": 4}, "width": 16, "steps": 1_000_000}}
 
 
@@ -136,7 +136,7 @@ def test_the_embedded_ray_is_private(first) -> None:  # type: ignore[no-untyped-
 
 
 def test_the_banner_shows_no_password() -> None:
-    from client.cli import banner
+    from overparam.cli import banner
     from services.settings import Settings
 
     settings = Settings(database_url="postgresql://lab:s3cret@db.example/overparam", auth="off")

@@ -24,7 +24,7 @@ from tests.deploy.topology import free_port
 
 pytestmark = pytest.mark.slow
 
-OVERPARAM = [sys.executable, "-m", "client.cli"]
+OVERPARAM = [sys.executable, "-m", "overparam.cli"]
 LONG = {
     "base": {"data": {"n": 8, "d": 4}, "width": 16, "steps": 1_000_000},
     "grid": {"seed": [0, 1]},

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from api.main import create_app
-from client.cli import app as cli
+from overparam.cli import app as cli
 from services.migrate import upgrade
 from tests.analysis.synthetic import Store, create_sweep, live_server
 from tests.conftest import make_settings

@@ -148,7 +148,7 @@ def test_the_cli_marks_an_experiment_in_the_sweep_list() -> None:
 
     from rich.console import Console
 
-    from client.reports import print_sweeps
+    from overparam.reports import print_sweeps
 
     out = io.StringIO()
     row = {"id": 3, "run_count": 2, "status_counts": {"running": 2}}

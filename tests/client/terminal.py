@@ -15,7 +15,7 @@ import termios
 import time
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-CLI = (sys.executable, "-m", "client.cli")  # this checkout's CLI, not an installed one
+CLI = (sys.executable, "-m", "overparam.cli")  # this venv's (bootstrap: the checkout, editable)
 
 
 class Terminal:

@@ -15,9 +15,9 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from api.main import create_app
-from client.cli import app
-from client.client import MetricPoints, OverparamClient, OverparamError, parse_sse
-from client.tables import number
+from overparam.cli import app
+from overparam.client import MetricPoints, OverparamClient, OverparamError, parse_sse
+from overparam.tables import number
 from services.migrate import upgrade
 from tests.analysis.synthetic import SEEDS, WIDTHS, Store, create_sweep, fill_width_sweep
 from tests.conftest import make_settings

@@ -17,7 +17,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from api.main import create_app
-from client.cli import app
+from overparam.cli import app
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.metrics import write_points
 from tests.conftest import make_settings
@@ -162,7 +162,7 @@ def test_serve_says_how_to_call_the_cli(monkeypatch: pytest.MonkeyPatch) -> None
     import shutil
     import sys
 
-    from client.cli import invocation
+    from overparam.cli import invocation
 
     script = Path(sys.executable).with_name("overparam")
     if not script.exists():
@@ -181,7 +181,7 @@ def test_cli_import_is_light() -> None:
     import sys
 
     code = (
-        "import sys, client.cli; "
+        "import sys, overparam.cli; "
         "heavy = {'torch', 'ray', 'sqlalchemy', 'fastapi'} & set(sys.modules); "
         "assert not heavy, heavy"
     )
@@ -190,7 +190,7 @@ def test_cli_import_is_light() -> None:
 
 def test_client_logs_an_external_run_like_a_training_script(server: str) -> None:
     """create_run / log_metrics / log_series / finish over real HTTP, then read back."""
-    from client.client import OverparamClient, OverparamError
+    from overparam.client import OverparamClient, OverparamError
 
     with OverparamClient(server) as client:
         run = client.create_run({"lr": 0.01, "layers": [64, 64]})
@@ -266,7 +266,7 @@ def test_the_workers_metrics_directory_starts_empty(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An earlier service's counts are not added to this one's; nothing else is removed."""
-    from client.cli import metrics_directory
+    from overparam.cli import metrics_directory
 
     monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
     default = metrics_directory(tmp_path)

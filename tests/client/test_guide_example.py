@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from torch.func import functional_call, jacrev, vmap  # noqa: E402
 
 from api.main import create_app  # noqa: E402
-from client.client import OverparamClient, script_source  # noqa: E402
+from overparam.client import OverparamClient, script_source  # noqa: E402
 from tests.analysis.synthetic import live_server  # noqa: E402
 from tests.conftest import make_settings  # noqa: E402
 

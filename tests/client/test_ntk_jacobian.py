@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from client import ntk  # noqa: E402
+from overparam import ntk  # noqa: E402
 from worker import metric_names  # noqa: E402
 
 RTOL = 1e-8

@@ -7,8 +7,8 @@ import io
 
 from rich.console import Console
 
-from client.reports import LABELS, stats_text
-from client.tables import Column, fitted_table, number
+from overparam.reports import LABELS, stats_text
+from overparam.tables import Column, fitted_table, number
 from services.quantities import label
 from services.sweep_analysis import describe
 

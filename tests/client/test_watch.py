@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from rich.console import Console
 
 from api.main import create_app
-from client import watch
-from client.client import ServerEvent
+from overparam import watch
+from overparam.client import ServerEvent
 from services.migrate import upgrade
 from tests.analysis.synthetic import SPEC, Store, create_sweep, live_server, run_points
 from tests.client.terminal import CLI, Terminal

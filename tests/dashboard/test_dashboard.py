@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 from matplotlib import image
 
 from api.main import create_app
-from client.tables import number
+from overparam.tables import number
 from services.db import make_engine, make_sessionmaker, session_scope
 from services.migrate import upgrade
 from services.quantities import label

@@ -54,6 +54,19 @@ def test_every_package_is_copied_into_the_image() -> None:
         assert pattern.rstrip("*") in copied, pattern
 
 
+def test_the_client_is_installed_then_the_server() -> None:
+    """Two distributions: `overparam` from client/ (its own pyproject.toml), then
+    `overparam-server` from the root, which requires it (left out of the dependency step)."""
+    copied = {copy.split()[0] for copy in instructions("COPY") if "--from" not in copy}
+    assert {"client", "client/pyproject.toml"} <= copied
+    (install,) = [run for run in instructions("RUN") if "pip install --no-deps" in run]
+    assert install.index("pip install --no-deps /src/client") < install.index(
+        "pip install --no-deps /src "
+    )
+    (deps,) = [run for run in instructions("RUN") if "/tmp/requirements.txt" in run]
+    assert "/src/client/pyproject.toml" in deps and "overparam=" in deps
+
+
 def test_runs_as_an_unprivileged_user_with_a_health_check() -> None:
     (user,) = instructions("USER")
     assert user not in ("root", "0")
@@ -75,4 +88,5 @@ def test_dockerignore_is_an_allowlist_without_secrets() -> None:
     allowed = {line[1:] for line in lines if line.startswith("!")}
     assert not allowed & {".env", ".venv", ".git", "data"}
     copied = {copy.split()[0] for copy in instructions("COPY") if "--from" not in copy}
-    assert copied <= allowed, "every COPY source is in the build context"
+    tops = {source.split("/")[0] for source in copied}  # client/pyproject.toml: in client
+    assert tops <= allowed, "every COPY source is in the build context"
