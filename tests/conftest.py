@@ -24,6 +24,11 @@ from api.main import create_app
 from services.migrate import upgrade
 from services.settings import Settings
 
+# A pytest-xdist worker runs with COLUMNS=80 in its environment, which the CLI's module-level
+# rich Console would keep for good; the CLI tests set COLUMNS per call, as in a serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
+
 PG_ADMIN_URL = os.environ.get(
     "OVERPARAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -145,3 +150,13 @@ def ray_cluster() -> Iterator[None]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist with ``--dist loadgroup``, the tests on the session's Ray cluster run
+    in one worker: a cluster per worker would pay Ray's start-up and memory twice."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray"))
