@@ -3,7 +3,7 @@
 
     python3 bootstrap.py serve [--host H --port P]   # the service on SQLite + local Ray
     python3 bootstrap.py test [pytest args]          # the tests but the slow subset
-    python3 bootstrap.py test -m slow                # only the slow subset (-m "": all)
+    python3 bootstrap.py test -m slow -n 0           # only the slow subset (-m "": all)
 
 Needs only Python ≥ 3.11 with pip. Re-runs skip the install while pyproject.toml is unchanged.
 ``OVERPARAM_TORCH`` chooses the torch requirement (default ``torch==2.13.0``, the CPU build;
