@@ -6,7 +6,8 @@ Python client and CLI) and ``overparam-server`` (the root: api, services, worker
 with the ``dev`` dependency group (PEP 735; pip >= 25.1 reads it, so pip is upgraded first).
 
     python3 bootstrap.py serve [--host H --port P]   # the service on SQLite + local Ray
-    python3 bootstrap.py test [pytest args]          # the whole test suite
+    python3 bootstrap.py test [pytest args]          # the tests but the slow subset
+    python3 bootstrap.py test -m slow -n 0           # only the slow subset (-m "": all)
     python3 bootstrap.py install                     # only the set-up
 
 Needs only Python ≥ 3.11 with pip. Re-runs skip the install while both pyproject.toml files

@@ -1,20 +1,35 @@
 """Shared fixtures: SQLite and real PostgreSQL databases, one local Ray cluster per session,
 and API clients. PostgreSQL tests create (and drop) their own databases; they skip when the
-server is unreachable, unless OVERPARAM_REQUIRE_POSTGRES=1 (CI), where they fail."""
+server is unreachable, unless OVERPARAM_REQUIRE_POSTGRES=1 (CI), where they fail.
+
+Migrations run once per session and backend (tests/test_migrations.py runs them for real): a
+SQLite test gets a copy of a migrated file, a PostgreSQL test the session's migrated database
+emptied with ``DELETE`` and its sequences restarted (~4 ms; ``TRUNCATE … RESTART IDENTITY``
+took ~0.1 s, ``CREATE DATABASE … TEMPLATE`` and its ``DROP`` ~0.9 s)."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from api.main import create_app
 from services.migrate import upgrade
+from services.models import Base
 from services.settings import Settings
+
+# A pytest-xdist worker runs with COLUMNS=80 in its environment, which the CLI's module-level
+# rich Console would keep for good; the CLI tests set COLUMNS per call, as in a serial run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.pop("COLUMNS", None)
 
 PG_ADMIN_URL = os.environ.get(
     "OVERPARAM_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -68,25 +83,70 @@ def pg_migrated_url() -> Iterator[str]:
     drop_pg_database(url)
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], str]:
+    """``migrated_sqlite(path)`` puts a migrated, empty SQLite database at ``path`` (a copy of
+    one migrated once per session) and returns its URL."""
+    template = tmp_path_factory.mktemp("migrated") / "template.db"
+    upgrade(f"sqlite:///{template}")
+    # WAL: fold the log into the file (no connection is left open), so the file is the whole
+    # database; each copy is in WAL mode like a database that ``overparam db upgrade`` made.
+    conn = sqlite3.connect(template)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+
+    def copy(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, path)
+        return f"sqlite:///{path}"
+
+    return copy
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+def db_url(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    migrated_sqlite: Callable[[Path], str],
+) -> str:
     """A migrated, empty database on each backend."""
     if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('db') / 'overparam.db'}"
-        upgrade(url)
-        return url
+        return migrated_sqlite(tmp_path_factory.mktemp("db") / "overparam.db")
     url: str = request.getfixturevalue("pg_migrated_url")
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(
-            text(
-                "TRUNCATE metric_chunk, run, sweep, metric_name, dataset, dispatcher,"
-                " idempotency_key, api_token, audit_event RESTART IDENTITY CASCADE;"
-                " DELETE FROM lab_user WHERE name <> 'local'"
-            )
-        )
-    engine.dispose()
+    empty: Callable[[], None] = request.getfixturevalue("pg_emptier")
+    empty()
     return url
+
+
+@pytest.fixture(scope="session")
+def pg_emptier(pg_migrated_url: str) -> Iterator[Callable[[], None]]:
+    """Empties the session's migrated database as ``TRUNCATE … RESTART IDENTITY`` of every
+    table but the built-in local user would, in a few ms: ``DELETE`` (children first), then
+    restart the sequences of the emptied tables (``lab_user`` keeps its own: ``local`` stays)."""
+    engine = create_engine(pg_migrated_url, poolclass=NullPool)
+    tables = [t.name for t in reversed(Base.metadata.sorted_tables) if t.name != "lab_user"]
+    with engine.connect() as conn:
+        sequences = conn.execute(
+            text(
+                "SELECT seq.relname FROM pg_class seq"
+                " JOIN pg_depend dep ON dep.objid = seq.oid AND dep.deptype IN ('a', 'i')"
+                " JOIN pg_class tab ON tab.oid = dep.refobjid"
+                " WHERE seq.relkind = 'S' AND tab.relname = ANY(:tables)"
+            ),
+            {"tables": tables},
+        ).scalars()
+        statements = [
+            *(f'DELETE FROM "{table}"' for table in tables),
+            "DELETE FROM lab_user WHERE name <> 'local'",
+            *(f'ALTER SEQUENCE "{sequence}" RESTART' for sequence in sequences),
+        ]
+
+    def empty() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("; ".join(statements)))
+
+    yield empty
+    engine.dispose()
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:

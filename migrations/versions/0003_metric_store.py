@@ -83,9 +83,15 @@ def upgrade() -> None:
 
 def backfill_rollups() -> None:
     """Rollups of the points stored before this revision, so their histories downsample too.
-    The level-0 rows come from the points, every higher level from the level below."""
-    op.execute(_rollup_sql(0))
-    for level in range(1, ROLLUP_LEVELS):
+    The level-0 rows come from the points, every higher level from the level below.
+
+    On PostgreSQL each source table is analyzed first: a table filled in this transaction has
+    no statistics, and the planner's guess of a few rows joins the two halves of each level
+    in a nested loop (50 s for 10,000 points instead of a fraction of a second)."""
+    postgres = op.get_bind().dialect.name == "postgresql"
+    for level in range(ROLLUP_LEVELS):
+        if postgres:
+            op.execute("ANALYZE metric" if level == 0 else "ANALYZE metric_rollup")
         op.execute(_rollup_sql(level))
 
 

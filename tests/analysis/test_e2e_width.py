@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,6 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from services.analysis import LAYER_METRICS
-from services.migrate import upgrade
 from tests.analysis.test_api import lstsq_fit, raw_points
 from tests.conftest import make_settings
 
@@ -40,9 +39,10 @@ FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 
 
 @pytest.fixture
-def service(ray_cluster: None, tmp_path: Path) -> Iterator[TestClient]:
-    url = f"sqlite:///{tmp_path / 'e2e.db'}"
-    upgrade(url)
+def service(
+    ray_cluster: None, tmp_path: Path, migrated_sqlite: Callable[[Path], str]
+) -> Iterator[TestClient]:
+    url = migrated_sqlite(tmp_path / "e2e.db")
     settings = make_settings(url, embedded_dispatcher=True, poll_interval_s=0.1)
     with TestClient(create_app(settings)) as client:
         yield client

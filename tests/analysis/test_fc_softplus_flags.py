@@ -5,6 +5,7 @@ that the run page reads and in ``overparam analyze``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,6 @@ from typer.testing import CliRunner
 
 from api.main import create_app
 from overparam.cli import app as cli
-from services.migrate import upgrade
 from tests.analysis.synthetic import Store, create_sweep, live_server
 from tests.conftest import make_settings
 from worker.config import RunConfig
@@ -26,11 +26,12 @@ pytestmark = pytest.mark.slow
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fc_width_scaling.yaml"
 
 
-def test_the_fc_examples_softplus_run_is_flagged(tmp_path: Path) -> None:
+def test_the_fc_examples_softplus_run_is_flagged(
+    tmp_path: Path, migrated_sqlite: Callable[[Path], str]
+) -> None:
     spec = yaml.safe_load(EXAMPLE.read_text())
     spec["grid"] = {"activation": ["softplus"], "width": [64], "seed": [0]}
-    url = f"sqlite:///{tmp_path / 'fc.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "fc.db")
     application = create_app(make_settings(url))
     store = Store(url)
     try:

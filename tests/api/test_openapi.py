@@ -7,7 +7,7 @@ breaks the schema refused."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi import checks
 
 from api.main import create_app
-from services.migrate import upgrade
 from services.settings import Settings
 from services.sweeps import RUN_FIELDS
 from tests.conftest import make_settings
@@ -155,12 +154,11 @@ def fuzz(operation: Any, mode: GenerationMode, examples: int) -> tuple[int, list
     ("examples", "least"), [(3, 100), pytest.param(25, 1000, marks=pytest.mark.slow)]
 )
 def test_schemathesis_finds_no_5xx_and_no_undocumented_response(
-    tmp_path: Path, examples: int, least: int
+    tmp_path: Path, examples: int, least: int, migrated_sqlite: Callable[[Path], str]
 ) -> None:
     """Every operation, positive and negative cases (up to ``examples`` each), against the app
     on SQLite; streams are read up to Schemathesis's event limit and their events checked."""
-    url = f"sqlite:///{tmp_path / 'overparam.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path / "overparam.db")
     schema = schemathesis.openapi.from_asgi("/api/v1/openapi.json", create_app(make_settings(url)))
     started, total, failures = time.monotonic(), 0, []
     for result in schema.get_all_operations():

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,6 @@ from api.main import create_app
 from overparam.cli import app
 from overparam.client import MetricPoints, OverparamClient, OverparamError, parse_sse
 from overparam.tables import number
-from services.migrate import upgrade
 from tests.analysis.synthetic import SEEDS, WIDTHS, Store, create_sweep, fill_width_sweep
 from tests.conftest import make_settings
 from worker.metric_names import LAMBDA_MIN, LOSS
@@ -27,11 +26,12 @@ RUNS = len(WIDTHS) * len(SEEDS)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Callable[[Path], str]
+) -> Iterator[str]:
     from tests.analysis.synthetic import live_server
 
-    url = f"sqlite:///{tmp_path_factory.mktemp('cli') / 'cli.db'}"
-    upgrade(url)
+    url = migrated_sqlite(tmp_path_factory.mktemp("cli") / "cli.db")
     application = create_app(make_settings(url))
     store = Store(url)
     with live_server(application) as base, TestClient(application) as api:

@@ -6,7 +6,7 @@ that diverged to 1.41e+15 past the edge of stability, and one still running."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from services.migrate import upgrade
 from tests.analysis.synthetic import SPEC, STEPS, Store, create_sweep, live_server, run_points
 from tests.client.terminal import CLI, Terminal, run_in_terminal
 from tests.conftest import make_settings
@@ -32,9 +31,10 @@ def diverging(upto: int = STEPS) -> list[tuple[str, int, float]]:
 
 
 @pytest.fixture
-def sweep(tmp_path: Path) -> Iterator[tuple[str, Store, list[dict[str, Any]]]]:
-    url = f"sqlite:///{tmp_path / 'narrow.db'}"
-    upgrade(url)
+def sweep(
+    tmp_path: Path, migrated_sqlite: Callable[[Path], str]
+) -> Iterator[tuple[str, Store, list[dict[str, Any]]]]:
+    url = migrated_sqlite(tmp_path / "narrow.db")
     app = create_app(make_settings(url, stream_poll_s=0.05))
     store = Store(url)
     spec = SPEC | {"grid": {"width": [256, 1024, 16384], "seed": [0, 1]}}

@@ -4,7 +4,7 @@ live progress in a pseudo-terminal while a synthetic sweep's points are being wr
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,6 @@ from rich.console import Console
 from api.main import create_app
 from overparam import watch
 from overparam.client import ServerEvent
-from services.migrate import upgrade
 from tests.analysis.synthetic import SPEC, Store, create_sweep, live_server, run_points
 from tests.client.terminal import CLI, Terminal
 from tests.conftest import make_settings
@@ -58,9 +57,10 @@ def test_events_move_the_bars() -> None:
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> Iterator[tuple[str, TestClient, Store]]:
-    url = f"sqlite:///{tmp_path / 'watch.db'}"
-    upgrade(url)
+def service(
+    tmp_path: Path, migrated_sqlite: Callable[[Path], str]
+) -> Iterator[tuple[str, TestClient, Store]]:
+    url = migrated_sqlite(tmp_path / "watch.db")
     app = create_app(make_settings(url, stream_poll_s=0.05))
     store = Store(url)
     with live_server(app) as base, TestClient(app) as api:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,6 @@ from matplotlib import image
 from api.main import create_app
 from overparam.tables import number
 from services.db import make_engine, make_sessionmaker, session_scope
-from services.migrate import upgrade
 from services.quantities import label
 from services.users import create_user
 from tests.analysis.synthetic import (
@@ -99,10 +98,13 @@ def save_screenshot(
 
 
 def test_dashboard_shows_a_finished_sweep_and_follows_a_running_one(
-    browser: Browser, artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    browser: Browser,
+    artifacts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    migrated_sqlite: Callable[[Path], str],
 ) -> None:
-    db_url = f"sqlite:///{tmp_path / 'dashboard.db'}"  # one backend is enough for the browser
-    upgrade(db_url)
+    db_url = migrated_sqlite(tmp_path / "dashboard.db")  # one backend is enough for the browser
     app = create_app(make_settings(db_url, stream_poll_s=0.05))
     store = Store(db_url)
     try:
@@ -215,10 +217,13 @@ def tiny_loss_run() -> list[Point]:
 
 
 def test_a_loss_at_1e_30_is_drawn_and_a_run_page_shows_everything(
-    browser: Browser, artifacts: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    browser: Browser,
+    artifacts: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    migrated_sqlite: Callable[[Path], str],
 ) -> None:
-    db_url = f"sqlite:///{tmp_path / 'tiny.db'}"
-    upgrade(db_url)
+    db_url = migrated_sqlite(tmp_path / "tiny.db")
     app = create_app(make_settings(db_url, stream_poll_s=0.05))
     store = Store(db_url)
     try:
@@ -321,12 +326,11 @@ def test_a_loss_at_1e_30_is_drawn_and_a_run_page_shows_everything(
 
 
 def test_a_lab_dashboard_asks_for_a_token_and_filters_by_owner(
-    browser: Browser, tmp_path: Path
+    browser: Browser, tmp_path: Path, migrated_sqlite: Callable[[Path], str]
 ) -> None:
     """With tokens required, the page shows a sign-in form; a token keeps the session in a
     cookie that the lists and the event stream use; the owner filter shows one user's sweeps."""
-    db_url = f"sqlite:///{tmp_path / 'lab.db'}"
-    upgrade(db_url)
+    db_url = migrated_sqlite(tmp_path / "lab.db")
     engine = make_engine(db_url)
     with session_scope(make_sessionmaker(engine)) as db:
         create_user(db_session=db, name="head", role="admin")  # a lab service needs an admin
