@@ -8,7 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from services.db import make_engine
-from services.migrate import downgrade, upgrade
+from services.migrate import downgrade, is_current, upgrade
 from services.models import Base
 
 
@@ -23,6 +23,15 @@ def check_round_trip(url: str) -> None:
     upgrade(url)
     assert {"sweep", "run", "metric_chunk", "metric_name"} <= set(inspect(engine).get_table_names())
     engine.dispose()
+
+
+def test_is_current_only_at_the_latest_revision(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    assert not is_current(url), "an empty database"
+    upgrade(url)
+    assert is_current(url)
+    downgrade(url, "-1")
+    assert not is_current(url), "one revision behind"
 
 
 def test_sqlite_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
