@@ -19,9 +19,9 @@ FROM ${PYTHON_IMAGE} AS build
 # cpu:  torch 2.13.0 from PyTorch's CPU index (a few hundred MB instead of several GB).
 ARG TORCH_VARIANT=cuda
 # Where the CPU build comes from, for a build host that cannot reach PyTorch's index: a mirror
-# of it, or PyPI plus a wheelhouse holding the torch-2.13.0+cpu wheel, named by PIP_FIND_LINKS
-# (pip reads it from the environment; build args are in it). tests/deploy/test_compose_up.py
-# builds this way.
+# of it, or (TORCH_CPU_INDEX empty) pip's default index plus a wheelhouse that holds the
+# torch-2.13.0+cpu wheel, named by PIP_FIND_LINKS (pip reads it from the environment, where
+# build args are). tests/deploy/test_compose_up.py builds this way.
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -30,7 +30,7 @@ ENV PATH=/opt/venv/bin:$PATH
 
 RUN case "$TORCH_VARIANT" in \
       cuda) pip install "torch==2.13.0" ;; \
-      cpu)  pip install "torch==2.13.0" --index-url "$TORCH_CPU_INDEX" ;; \
+      cpu)  pip install "torch==2.13.0" ${TORCH_CPU_INDEX:+--index-url "$TORCH_CPU_INDEX"} ;; \
       *)    echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
     esac \
  && python -c "import torch; assert (torch.version.cuda is not None) == ('$TORCH_VARIANT' == 'cuda'), 'torch ' + torch.__version__ + ' is not a $TORCH_VARIANT build'"
