@@ -50,6 +50,7 @@ BASE_IMAGE = os.environ.get("OVERPARAM_TEST_BASE_IMAGE", "overparam-base:bookwor
 IMAGE = "overparam:compose-test"
 POSTGRES_IMAGE = "overparam-test-postgres:15"
 TORCH_WHEEL = "torch-2.13.0+cpu-cp311-cp311-*.whl"
+WHEELHOUSE_PORT = 38641
 FINAL = {"succeeded", "diverged", "failed", "cancelled"}
 REPORT: dict[str, Any] = {}
 
@@ -121,7 +122,11 @@ def torch_wheelhouse() -> Iterator[dict[str, str]]:
         yield {}
         return
     handler = functools.partial(QuietHandler, directory=str(found[0]))
-    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler) as server:
+    try:  # the same URL every time: a build arg's value is part of the build cache's key
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
+    except OSError:
+        server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), handler)
+    with server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             port = server.server_address[1]
