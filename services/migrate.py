@@ -9,7 +9,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+
+from services.db import make_engine
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -34,7 +35,7 @@ def is_current(database_url: str) -> bool:
     """True when the database is at the latest revision, i.e. ``overparam db upgrade`` has run:
     what the Kubernetes pods wait for before they start (``deploy/k8s``: wait-for-migration)."""
     heads = set(ScriptDirectory.from_config(alembic_config(database_url)).get_heads())
-    engine = create_engine(database_url)
+    engine = make_engine(database_url)  # a plain postgresql:// URL means psycopg 3 here
     try:
         with engine.connect() as connection:
             return set(MigrationContext.configure(connection).get_current_heads()) == heads

@@ -39,5 +39,16 @@ def test_sqlite_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.postgres
+def test_is_current_on_postgres_with_a_plain_url(pg_empty_url: str) -> None:
+    """The URL as a lab writes it (postgresql://, as in the Kubernetes Secret): psycopg 3, not
+    SQLAlchemy's default psycopg2, which the image does not have."""
+    url = pg_empty_url.replace("postgresql+psycopg://", "postgresql://")
+    assert url.startswith("postgresql://")
+    assert not is_current(url)
+    upgrade(url)
+    assert is_current(url)
+
+
+@pytest.mark.postgres
 def test_postgres_round_trip(pg_empty_url: str) -> None:
     check_round_trip(pg_empty_url)
