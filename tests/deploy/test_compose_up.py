@@ -203,6 +203,8 @@ def stack(
         "RAY_WORKER_SHM_SIZE": "1gb",
         "API_PORT": str(api_port),
         "RAY_DASHBOARD_PORT": str(free_port()),
+        # creating a container copies its image on the vfs storage driver: minutes, not seconds
+        "COMPOSE_HTTP_TIMEOUT": "1200",
     }
     project = f"overparam-up-{secrets.token_hex(3)}"
     command = [*compose, "-f", str(compose_file_here(folder)), "-p", project]
