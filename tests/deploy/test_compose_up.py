@@ -169,6 +169,7 @@ class Stack:
     command: list[str]  # the compose CLI with this file and project
     env: dict[str, str]
     base_url: str
+    token: str = ""  # the first admin's
 
     def run(self, *args: str) -> str:
         done = subprocess.run(
@@ -212,6 +213,7 @@ def stack(
     try:
         started = time.monotonic()
         stack.run("up", "-d", "--no-build", "--scale", "ray-worker=2")
+        stack.token = admin_token(stack)  # the API refuses to start without an admin
         wait_ready(stack)
         record("stack_ready_seconds", round(time.monotonic() - started))
         yield stack
@@ -242,8 +244,9 @@ def wait_ready(stack: Stack, limit: float = 900.0) -> None:
 
 
 def admin_token(stack: Stack) -> str:
-    """The first admin, made as docs/deploy.md says (the CLI in a container of the stack)."""
-    out = stack.run("exec", "-T", "api", "overparam", "admin", "create-user", "tester", "--admin")
+    """The first admin, made as docker-compose.yml says (the CLI in the migrate service)."""
+    create = ("overparam", "admin", "create-user", "tester", "--admin")
+    out = stack.run("run", "--rm", "--no-deps", "-T", "migrate", *create)
     return out.strip().splitlines()[-1].strip()
 
 
@@ -257,7 +260,7 @@ def busy_worker(stack: Stack) -> str | None:
 
 
 def test_the_quickstart_survives_a_worker_killed_mid_sweep(stack: Stack) -> None:
-    headers = {"Authorization": f"Bearer {admin_token(stack)}"}
+    headers = {"Authorization": f"Bearer {stack.token}"}
     spec = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
     with httpx.Client(base_url=stack.base_url, headers=headers, timeout=30) as api:
         created = api.post("/api/v1/sweeps", json=spec)
