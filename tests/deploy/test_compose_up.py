@@ -253,8 +253,9 @@ def admin_token(stack: Stack) -> str:
 def busy_worker(stack: Stack) -> str | None:
     """A ray-worker container with a Ray worker process executing a task (``ray::<task>``)."""
     for container in stack.run("ps", "-q", "ray-worker").split():
-        processes = docker("top", container, "-eo", "args", check=False)
-        if any(p.startswith("ray::") and "IDLE" not in p for p in processes.splitlines()):
+        processes = docker("top", container, "-eo", "pid,args").splitlines()[1:]
+        titles = [line.split(None, 1)[-1] for line in processes]
+        if any(t.startswith("ray::") and "IDLE" not in t for t in titles):
             return container
     return None
 
