@@ -251,11 +251,12 @@ def admin_token(stack: Stack) -> str:
 
 
 def busy_worker(stack: Stack) -> str | None:
-    """A ray-worker container with a Ray worker process executing a task (``ray::<task>``)."""
+    """A ray-worker container with a Ray worker process training a run: its title is
+    ``ray::_run_training`` (worker/task.py) while it executes, ``ray::IDLE`` between tasks."""
     for container in stack.run("ps", "-q", "ray-worker").split():
         processes = docker("top", container, "-eo", "pid,args").splitlines()[1:]
         titles = [line.split(None, 1)[-1] for line in processes]
-        if any(t.startswith("ray::") and "IDLE" not in t for t in titles):
+        if any(t.startswith("ray::_run_training") for t in titles):
             return container
     return None
 
