@@ -18,15 +18,22 @@ FROM ${PYTHON_IMAGE} AS build
 # cuda: torch 2.13.0 from PyPI (bundles the CUDA runtime; the host needs only the driver).
 # cpu:  torch 2.13.0 from PyTorch's CPU index (a few hundred MB instead of several GB).
 ARG TORCH_VARIANT=cuda
+# Where the CPU build comes from, for a build host that cannot reach PyTorch's index: a mirror
+# of it, or (TORCH_CPU_INDEX empty) pip's default index plus a wheelhouse that holds the
+# torch-2.13.0+cpu wheel, named by PIP_FIND_LINKS (pip reads it from the environment, where
+# build args are). tests/deploy/test_compose_up.py builds this way.
+ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+ARG PIP_FIND_LINKS
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 
 RUN case "$TORCH_VARIANT" in \
       cuda) pip install "torch==2.13.0" ;; \
-      cpu)  pip install "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu ;; \
+      cpu)  pip install "torch==2.13.0" ${TORCH_CPU_INDEX:+--index-url "$TORCH_CPU_INDEX"} ;; \
       *)    echo "TORCH_VARIANT must be cuda or cpu, not '$TORCH_VARIANT'" >&2; exit 1 ;; \
-    esac
+    esac \
+ && python -c "import torch; assert (torch.version.cuda is not None) == ('$TORCH_VARIANT' == 'cuda'), 'torch ' + torch.__version__ + ' is not a $TORCH_VARIANT build'"
 
 # The dependencies alone first (from the two pyproject.toml files: the client's, client/, and
 # the server's, which pins ray[default] to 2.60.*), so a source change does not reinstall Ray;

@@ -8,7 +8,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import inspect
 
 from services.db import make_engine
-from services.migrate import downgrade, upgrade
+from services.migrate import downgrade, is_current, upgrade
 from services.models import Base
 
 
@@ -25,8 +25,28 @@ def check_round_trip(url: str) -> None:
     engine.dispose()
 
 
+def test_is_current_only_at_the_latest_revision(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    assert not is_current(url), "an empty database"
+    upgrade(url)
+    assert is_current(url)
+    downgrade(url, "-1")
+    assert not is_current(url), "one revision behind"
+
+
 def test_sqlite_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
     check_round_trip(f"sqlite:///{tmp_path / 'm.db'}")
+
+
+@pytest.mark.postgres
+def test_is_current_on_postgres_with_a_plain_url(pg_empty_url: str) -> None:
+    """The URL as a lab writes it (postgresql://, as in the Kubernetes Secret): psycopg 3, not
+    SQLAlchemy's default psycopg2, which the image does not have."""
+    url = pg_empty_url.replace("postgresql+psycopg://", "postgresql://")
+    assert url.startswith("postgresql://")
+    assert not is_current(url)
+    upgrade(url)
+    assert is_current(url)
 
 
 @pytest.mark.postgres

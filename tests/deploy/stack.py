@@ -1,16 +1,18 @@
 """The deployment's processes, described once.
 
-``docker-compose.yml`` and the process harness (``topology.py``) both describe the same stack:
-which program each service runs, with which arguments, environment, health check, published
-ports, shared-memory size, GPU reservation and checkpoint volume. This module is that
-description. Commands and environment values are templates with ``{placeholders}`` for the only
-things that differ between a compose network and one test host: addresses, ports, sizes and the
-token. ``COMPOSE`` fills them the way docker-compose.yml must spell them (``test_compose.py``
-checks the file against it); the harness fills them with free ports on 127.0.0.1 and adds the
-host-only flags in ``topology.py`` (several Ray nodes on one host must not share ports or
-temp dirs).
+``docker-compose.yml``, the Kubernetes manifests (``deploy/k8s``) and the process harness
+(``topology.py``) all describe the same stack: which program each service runs, with which
+arguments, environment, health check, published ports, shared-memory size, GPU reservation and
+checkpoint volume. This module is that description. Commands and environment values are
+templates with ``{placeholders}`` for the only things that differ between a compose network, a
+Kubernetes namespace and one test host: addresses, ports, sizes and the token. ``COMPOSE`` fills
+them the way docker-compose.yml must spell them (``test_compose.py`` checks the file against
+it), ``KUBERNETES`` the way the manifests do (``test_k8s.py``); the harness fills them with free
+ports on 127.0.0.1 and adds the host-only flags in ``topology.py`` (several Ray nodes on one
+host must not share ports or temp dirs).
 
-PostgreSQL is not here: compose runs the postgres:16 image, the harness an existing server.
+PostgreSQL is not here: compose runs the postgres:16 image, Kubernetes an external server (or
+the postgres:16 StatefulSet of ``deploy/k8s/with-postgres``), the harness an existing server.
 Neither are Prometheus and Grafana: compose starts them only under the ``observability``
 profile (``test_observability.py`` checks their configuration).
 """
@@ -45,6 +47,8 @@ class Addresses:
     metrics_token: str  # the bearer token Prometheus scrapes the API's /metrics with
     worker_cpus: str
     worker_gpus: str
+    # the API's name for the other services (Prometheus scrapes it there): a Host it answers to
+    api_host: str = "api"
 
     def render(self, template: str) -> str:
         return template.format(**{f.name: getattr(self, f.name) for f in fields(self)})
@@ -111,7 +115,7 @@ SERVICES: dict[str, Service] = {
         | {
             "OVERPARAM_EMBEDDED_DISPATCHER": "false",
             "OVERPARAM_AUTH": "required",
-            "OVERPARAM_ALLOWED_HOSTS": '["localhost","127.0.0.1","api"]',
+            "OVERPARAM_ALLOWED_HOSTS": '["localhost","127.0.0.1","{api_host}"]',
             "OVERPARAM_METRICS_TOKEN": "{metrics_token}",
         },
         healthcheck=(
@@ -198,4 +202,22 @@ COMPOSE = Addresses(
     metrics_token="${METRICS_TOKEN:-}",
     worker_cpus="${RAY_WORKER_CPUS:-4}",
     worker_gpus="${RAY_WORKER_GPUS:-1}",
+)
+
+# Values that come from the Kubernetes Secret are spelled "secret:NAME/KEY" (test_k8s.py reads a
+# container's `valueFrom.secretKeyRef` that way). `auth_token` is the key KubeRay's authOptions
+# reads; the head's Service is the one KubeRay names after the RayCluster (`<name>-head-svc`).
+KUBERNETES = Addresses(
+    database_url="secret:overparam/database-url",
+    ray_address="overparam-head-svc:6379",
+    ray_port="6379",
+    bind_host="0.0.0.0",
+    api_port="8000",
+    dashboard_port="8265",
+    checkpoint_dir="/var/lib/overparam/checkpoints",
+    ray_auth_token="secret:overparam/auth_token",
+    metrics_token="secret:overparam/metrics-token",
+    worker_cpus="4",
+    worker_gpus="1",
+    api_host="overparam-api",
 )

@@ -1,7 +1,7 @@
 """The Dockerfile builds the one image every process runs: Python 3.11 on slim bookworm in every
 stage, Ray 2.60 from pyproject.toml, torch 2.13.0 from the CPU index or PyPI's CUDA build, a
 non-root user and a health check; .dockerignore keeps secrets and the local virtualenv out.
-Read as text: there is no Docker engine to build it here."""
+Read as text; tests/deploy/test_compose_up.py builds it where a Docker engine runs."""
 
 from __future__ import annotations
 
@@ -37,7 +37,11 @@ def test_torch_variant_picks_the_index() -> None:
     cpu = re.search(r"cpu\)(.*?);;", install)
     assert cuda and cpu
     assert '"torch==2.13.0"' in cuda.group(1) and "--index-url" not in cuda.group(1)
-    assert '"torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu' in cpu.group(1)
+    assert '"torch==2.13.0" ${TORCH_CPU_INDEX:+--index-url "$TORCH_CPU_INDEX"}' in cpu.group(1)
+    assert "TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu" in instructions("ARG")
+    # the build fails when the variant asked for is not the one installed (a CUDA wheel that
+    # a mirror or wheelhouse served for the CPU build, or the reverse)
+    assert "torch.version.cuda is not None) == ('$TORCH_VARIANT' == 'cuda')" in install
 
 
 def test_ray_comes_pinned_from_pyproject() -> None:
