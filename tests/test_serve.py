@@ -44,6 +44,20 @@ def start(
     )
 
 
+def stop(process: subprocess.Popen[bytes], log: Path | None = None) -> None:
+    """SIGTERM to the service's process group (its local Ray's processes too, as systemd
+    stops a service): it must be gone within 60 s, else it is killed and this fails."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+            tail = log.read_text()[-3000:] if log is not None else ""
+            raise AssertionError(f"did not stop within 60 s of SIGTERM:\n{tail}") from None
+
+
 def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -71,9 +85,7 @@ def first(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
         wait_ready(url, process)
         yield process, url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(60)
+        stop(process)
 
 
 def test_a_second_service_on_the_same_database_refuses_to_start(first, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

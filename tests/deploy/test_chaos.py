@@ -42,7 +42,7 @@ from sqlalchemy import create_engine, select
 from services.models import DispatcherRecord
 from tests.deploy.topology import FAST_NODE_DEATH, Topology, cmdline, free_port, marked, sigkill
 from tests.test_serve import start as start_serve
-from tests.test_serve import wait_ready
+from tests.test_serve import stop, wait_ready
 from worker.config import RunConfig
 from worker.events import MetricBatch
 from worker.metric_names import STEP_TIME
@@ -353,17 +353,6 @@ def serve(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     return process
 
 
-def stop(process: subprocess.Popen[bytes], data_dir: Path) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            tail = (data_dir / "serve.log").read_text()[-3000:]
-            raise AssertionError(f"serve did not stop within 60 s of SIGTERM:\n{tail}") from None
-
-
 def test_a_killed_service_on_sqlite(embedded: tuple[Path, int]) -> None:
     """SIGKILL ``overparam serve`` (API, dispatcher and the Ray driver in one process) mid-sweep
     and start it again: the runs resume from their checkpoints and every point matches."""
@@ -380,7 +369,7 @@ def test_a_killed_service_on_sqlite(embedded: tuple[Path, int]) -> None:
             assert max(r["attempt"] for r in runs) >= 2, "the interrupted runs were retried"
             compare("service", api, runs, tried=1)
     finally:
-        stop(process, data_dir)
+        stop(process, data_dir / "serve.log")
 
 
 def test_fifty_submitters_on_sqlite(embedded: tuple[Path, int]) -> None:
@@ -390,4 +379,4 @@ def test_fifty_submitters_on_sqlite(embedded: tuple[Path, int]) -> None:
         log = lambda: (data_dir / "serve.log").read_text()[-20000:]  # noqa: E731
         fifty_submitters("submitters-sqlite", f"http://127.0.0.1:{port}", {}, log)
     finally:
-        stop(process, data_dir)
+        stop(process, data_dir / "serve.log")
