@@ -40,7 +40,15 @@ import pytest
 from sqlalchemy import create_engine, select
 
 from services.models import DispatcherRecord
-from tests.deploy.topology import FAST_NODE_DEATH, Topology, cmdline, free_port, marked, sigkill
+from tests.deploy.topology import (
+    FAST_NODE_DEATH,
+    Patient,
+    Topology,
+    cmdline,
+    free_port,
+    marked,
+    sigkill,
+)
 from tests.test_serve import start as start_serve
 from tests.test_serve import stop, wait_ready
 from worker.config import RunConfig
@@ -324,7 +332,7 @@ def fifty_submitters(
         thread.join(180)
     assert not errors, f"{errors}\n{log()}"
     assert len(answers) == 50 and all(len(ids) == 1 for ids in answers.values()), answers
-    with httpx.Client(base_url=base_url, headers=headers, timeout=30) as api:
+    with httpx.Client(base_url=base_url, headers=headers, timeout=30, transport=Patient()) as api:
         sweeps = api.get("/api/v1/sweeps", params={"limit": 1000}).json()["data"]
         names = sorted(s["name"] for s in sweeps if s["name"].startswith(f"{fault}-"))
         assert names == sorted(f"{fault}-{i}" for i in range(50)), "each sweep exactly once"

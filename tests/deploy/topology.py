@@ -75,6 +75,21 @@ HOST_ONLY_FLAGS: dict[str, tuple[str, ...]] = {
 }
 
 
+class Patient(httpx.HTTPTransport):
+    """A client that waits out a 429 (its ``Retry-After``) and asks again, as well-behaved
+    clients of the lab service do: it limits requests per token (OVERPARAM_RATE_LIMIT), and a
+    test that polls 50 finished sweeps back to back goes past it."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        while True:
+            response = super().handle_request(request)
+            if response.status_code != 429:
+                return response
+            response.read()
+            response.close()
+            time.sleep(float(response.headers.get("retry-after", "1")))
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now (on every interface: Ray's GCS binds 0.0.0.0)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -307,7 +322,9 @@ class Topology:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     def client(self, timeout: float = 30) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=self.headers)
+        return httpx.Client(
+            base_url=self.base_url, timeout=timeout, headers=self.headers, transport=Patient()
+        )
 
     def add_worker(self, *, wait: bool = True, timeout: float = 60.0) -> Proc:
         """Start one more Ray worker node (``ray-worker-<n>``); by default wait until the
