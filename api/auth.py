@@ -82,6 +82,12 @@ def check_origin(request: Request) -> None:
                         "OVERPARAM_CORS_ORIGINS)")  # fmt: skip
 
 
+def bearer(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header; None without one."""
+    header = request.headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else None
+
+
 def current_user(request: Request, db: SessionDep) -> Caller:
     """The caller: the local user (authentication off), or the owner of the request's token."""
     check_host(request)
@@ -90,8 +96,9 @@ def current_user(request: Request, db: SessionDep) -> Caller:
     state = request.app.state
     if state.auth == "off":
         return state.local_user
-    header = request.headers.get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else request.cookies.get(COOKIE)
+    token = bearer(request)
+    if token is None:
+        token = request.cookies.get(COOKIE)
     if not token:
         raise Unauthenticated("this service requires an API token: Authorization: Bearer <token>")
     user = Caller.of(authenticate(db_session=db, token=token))

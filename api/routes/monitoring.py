@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest, mu
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from api.auth import check_host
+from api.auth import bearer, check_host
 from services.state_metrics import ServiceState
 from services.users import Unauthenticated
 
@@ -40,8 +40,7 @@ def metrics(request: Request) -> Response:
 
 def check_scraper(request: Request) -> None:
     settings = request.app.state.settings
-    header = request.headers.get("authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    given = bearer(request) or ""
     # An empty token is none (compose passes ${METRICS_TOKEN:-}): it must never match no header.
     expected = settings.metrics_token.get_secret_value() if settings.metrics_token else ""
     if expected:
